@@ -1,0 +1,52 @@
+"""The frozen messages that flow along the pipeline.
+
+producer --Narrative--> workers --Result--> writer
+
+Messages carry only what the next stage needs; workers never see a database connection and
+the writer never sees HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ERROR_CATEGORIES = ("api_error", "rate_limit", "timeout", "parse_error", "data_error", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class Narrative:
+    """One narrative to classify, as read from `source_narratives`."""
+
+    narrative_id: int
+    incident_id: str
+    narrative_type: str
+    text: str
+    manual_flag_ind: int | None
+    manual_flag: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one narrative: an answer, or an error row. Never holds the text."""
+
+    narrative_id: int
+    incident_id: str
+    narrative_type: str
+    manual_flag_ind: int | None
+    manual_flag: int | None
+    processed_at: str
+    attempt_count: int
+    response_sec: float | None = None
+    raw_response: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    detected: int | None = None
+    confidence: float | None = None
+    indicators: str | None = None  # JSON array text
+    rationale: str | None = None
+    error_category: str | None = None
+    error_message: str | None = None
+
+    @property
+    def error_occurred(self) -> int:
+        return 0 if self.error_category is None else 1
