@@ -80,6 +80,7 @@ class RunSection:
     max_narratives: int | None = None
     seed: int | None = 1024
     max_attempts: int = 3
+    retry_backoff_s: float = 0.5
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     grace_period_s: float = 30.0
@@ -226,6 +227,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'run.workers' must be at most 1024")
     if r.max_narratives is not None and r.max_narratives < 1:
         raise ConfigError("config key 'run.max_narratives' must be at least 1 or empty")
+    if r.retry_backoff_s < 0:
+        raise ConfigError("config key 'run.retry_backoff_s' must not be negative")
     if r.commit_interval_s <= 0 or r.grace_period_s < 0:
         raise ConfigError("config keys 'run.commit_interval_s'/'run.grace_period_s' must be positive")
     for key, value in (("run.requests_per_minute", r.requests_per_minute),
@@ -239,26 +242,28 @@ def resolve_data_path(cfg: Config) -> Path:
     return Path(cfg.data.file).expanduser()
 
 
-def load_config(path: str | Path | None, *, overrides: Mapping[str, Any] | None = None,
-                env: Mapping[str, str] | None = None, require_data: bool = True) -> Config:
-    """Read, merge and validate a configuration. Raises ConfigError naming the key."""
+def read_yaml(path: str | Path) -> Mapping[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return raw
+
+
+def build_config(raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None, source: str | None = None) -> Config:
+    """Merge defaults < raw (YAML or a stored config) < environment < flags, and validate."""
     env = os.environ if env is None else env
     overrides = overrides or {}
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {p} is not UTF-8 text") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(
@@ -268,21 +273,23 @@ def load_config(path: str | Path | None, *, overrides: Mapping[str, Any] | None 
         name: _build_section(name, cls, raw.get(name), env, overrides)
         for name, cls in SECTIONS.items()
     }
-    cfg = Config(**sections, source_path=str(path) if path is not None else None)
+    cfg = Config(**sections, source_path=source)
     _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None, require_data: bool = True) -> Config:
+    """Read, merge and validate a configuration file. Raises ConfigError naming the key."""
+    cfg = build_config(read_yaml(path), overrides=overrides, env=env, source=str(path))
     if require_data and not resolve_data_path(cfg).is_file():
         raise ConfigError(f"config key 'data.file': data file not found: {cfg.data.file}")
     return cfg
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a stored configuration (the experiment record's config_json)."""
-    sections = {}
-    for name, cls in SECTIONS.items():
-        raw = dict(data.get(name) or {})
-        hints = typing.get_type_hints(cls)
-        sections[name] = cls(**{k: v for k, v in raw.items() if k in hints})
-    return Config(**sections)
+    """Rebuild a stored configuration (the experiment record's config_json) as it was."""
+    return build_config(data, overrides={}, env={})
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:

@@ -1,0 +1,81 @@
+"""Consistent database backups before a resume changes anything.
+
+SQLite's online backup API copies a consistent snapshot even while the database is in WAL
+mode with a `-wal` file beside it; a plain file copy of the main file would miss committed
+pages still in the WAL. The newest `KEEP` backups of a database are kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from .errors import RefusedError
+
+KEEP = 3
+# A result row with its raw response is a few KiB; this is generous on purpose.
+BYTES_PER_RESULT = 8 * 1024
+HEADROOM_BYTES = 50 * 1024 * 1024
+
+
+def backup_pattern(db_path: Path) -> str:
+    return f"{db_path.name}.resume_backup_*"
+
+
+def required_bytes(db_path: Path, remaining: int) -> int:
+    size = db_path.stat().st_size if db_path.exists() else 0
+    wal = db_path.with_name(db_path.name + "-wal")
+    size += wal.stat().st_size if wal.exists() else 0
+    return size + remaining * BYTES_PER_RESULT + HEADROOM_BYTES
+
+
+def check_disk(db_path: Path, remaining: int, *, with_backup: bool) -> None:
+    """Refuse to start a run that cannot fit its backup and its growth on the disk."""
+    need = required_bytes(db_path, remaining)
+    if not with_backup:
+        need -= db_path.stat().st_size if db_path.exists() else 0
+    free = shutil.disk_usage(db_path.resolve().parent).free
+    if free < need:
+        raise RefusedError(
+            f"not enough disk space beside {db_path}: {_mib(free)} free, {_mib(need)} needed "
+            "(backup of the database plus room for the remaining results); free some space"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:.0f} MiB"
+
+
+def make_backup(db_path: Path, *, keep: int = KEEP) -> Path:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    target = db_path.with_name(f"{db_path.name}.resume_backup_{stamp}")
+    n = 1
+    while target.exists():
+        target = db_path.with_name(f"{db_path.name}.resume_backup_{stamp}_{n}")
+        n += 1
+    partial = target.with_name(target.name + ".partial")
+    src = sqlite3.connect(str(db_path))
+    try:
+        dst = sqlite3.connect(str(partial))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    partial.replace(target)
+    prune(db_path, keep=keep)
+    return target
+
+
+def list_backups(db_path: Path) -> list[Path]:
+    found = [p for p in db_path.parent.glob(backup_pattern(db_path))
+             if not p.name.endswith(".partial")]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def prune(db_path: Path, *, keep: int = KEEP) -> None:
+    for old in list_backups(db_path)[:-keep]:
+        old.unlink(missing_ok=True)

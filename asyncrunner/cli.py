@@ -1,0 +1,269 @@
+"""The command line: parse, delegate, and turn errors into one line and an exit code.
+
+Exit codes (the contract): 0 finished · 2 bad usage, config or input · 3 refused by a guard ·
+130 / 143 stopped by SIGINT / SIGTERM after a clean checkpoint · 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, experiments, logs, status
+from .config import DEFAULT_DB
+from .errors import AsyncRunnerError, RefusedError, Stopped, UsageError
+from .ids import require_uuid
+from .locks import ExperimentLock
+from .schema import connect, migrate
+
+
+def db_path(args: argparse.Namespace) -> Path:
+    return Path(args.db or os.environ.get("EXPERIMENTS_DB") or DEFAULT_DB)
+
+
+def _existing_db(args: argparse.Namespace) -> sqlite3.Connection:
+    path = db_path(args)
+    if not path.exists():
+        raise UsageError(f"database not found: {path} (set --db or EXPERIMENTS_DB)")
+    return connect(path)
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "run.workers": getattr(args, "workers", None),
+        "run.batch_size": getattr(args, "batch_size", None),
+        "run.max_narratives": getattr(args, "max_narratives", None),
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .progress_view import ProgressView
+    from .session import execute, request_from_env
+
+    req = request_from_env(
+        db_path(args), args.config, _run_overrides(args), resume=args.resume,
+        experiment_id=args.experiment_id, retry_errors_only=args.retry_errors_only,
+        force=args.force, env=os.environ,
+    )
+    with ProgressView.for_stream(sys.stdout) as view:
+        summary = execute(req, on_commit=view.update)
+    print(f"status: {summary.status}")
+    print(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
+    with connect(req.db_path) as conn:
+        info = status.collect(conn, req.db_path, summary.experiment_id)
+    if info:
+        print(status.render_detail(info))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    if args.latest == bool(args.experiment_id):
+        raise UsageError("resume takes an EXPERIMENT_ID or --latest (one of them)")
+    if args.latest:
+        from . import store
+
+        conn = _existing_db(args)
+        try:
+            record = store.latest_resumable(conn)
+        finally:
+            conn.close()
+        if record is None:
+            raise RefusedError("no resumable experiment (running with a dead lock, "
+                               "interrupted or failed) in this database")
+        print(f"latest resumable: {record.experiment_id} '{record.experiment_name}' "
+              f"status {record.status}, {record.n_narratives_completed or 0}/"
+              f"{record.n_narratives_total or 0} done, started {record.start_time}")
+        if sys.stdin.isatty() and not args.yes:
+            answer = input("resume it? [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
+                print("not resumed")
+                return 0
+        args.experiment_id = record.experiment_id
+    args.resume = True
+    return cmd_run(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    if args.experiment_id:
+        require_uuid(args.experiment_id)
+    while True:
+        conn = _existing_db(args)
+        try:
+            if args.experiment_id:
+                info = status.collect(conn, path, args.experiment_id)
+                if info is None:
+                    raise RefusedError(f"no experiment {args.experiment_id} in {path}")
+                text = json.dumps(info, indent=2) if args.json else status.render_detail(info)
+            else:
+                rows = status.list_rows(conn)
+                text = json.dumps(rows, indent=2) if args.json else status.render_list(rows)
+        finally:
+            conn.close()
+        if args.watch and sys.stdout.isatty():
+            print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S  ") + text, flush=True)
+        else:
+            print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .finalize import export
+
+    experiment_id = require_uuid(args.experiment_id)
+    conn = _existing_db(args)
+    try:
+        if status.store.get_experiment(conn, experiment_id) is None:
+            raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
+        out = Path(args.out) if args.out else Path(f"{experiment_id}.{args.format}")
+        written = export(conn, experiment_id, args.format, out)
+    finally:
+        conn.close()
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    experiment_id = require_uuid(args.experiment_id)
+    path = db_path(args)
+    conn = _existing_db(args)
+    try:
+        record = status.store.get_experiment(conn, experiment_id)
+        if record is None:
+            raise RefusedError(f"no experiment {experiment_id} in {path}")
+        if record.status == "completed":
+            raise RefusedError(f"experiment {experiment_id} is completed; nothing to cancel")
+        with ExperimentLock(path, experiment_id):
+            experiments.set_status(conn, experiment_id, "cancelled", "cancelled by operator")
+    finally:
+        conn.close()
+    print(f"experiment {experiment_id} cancelled (resume it later with --force)")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    if not path.exists():
+        raise UsageError(f"database not found: {path}")
+    conn = connect(path, migrate_schema=False)
+    try:
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    print(f"migrated {path}: " + (", ".join(applied) if applied else "already up to date"))
+    return 0
+
+
+def cmd_mock_server(args: argparse.Namespace) -> int:
+    from .mockserver import serve_forever
+
+    serve_forever(args.port, args.latency_ms, args.error_rate)
+    return 0
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=argparse.SUPPRESS,
+                   help="SQLite database (default: $EXPERIMENTS_DB or data/experiments.db)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive_int, help="concurrent requests in flight")
+    p.add_argument("--batch-size", type=_positive_int, help="results per commit")
+    p.add_argument("--retry-errors-only", action="store_true",
+                   help="with resume: reprocess only narratives whose result is an error")
+    p.add_argument("--force", action="store_true", help="allow resuming a cancelled experiment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncrunner",
+        description="Concurrent, crash-safe LLM classification of case narratives.")
+    parser.add_argument("--version", action="version", version=f"asyncrunner {__version__}")
+    parser.add_argument("--db", help="SQLite database (default: $EXPERIMENTS_DB or "
+                                     "data/experiments.db)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="start a new experiment, or resume one (RESUME=1)")
+    p.add_argument("config", nargs="?", help="experiment CONFIG.yaml")
+    _add_run_options(p)
+    p.add_argument("--max-narratives", type=_positive_int, help="limit for a new experiment")
+    p.add_argument("--resume", action="store_true", help="resume instead of starting anew")
+    p.add_argument("--experiment-id", help="the experiment to resume")
+    _add_db(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="resume an experiment by id, or the newest resumable")
+    p.add_argument("experiment_id", nargs="?")
+    p.add_argument("--latest", action="store_true", help="the newest resumable experiment")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--config", help="YAML for run settings (stored settings win; drift warned)")
+    _add_run_options(p)
+    _add_db(p)
+    p.set_defaults(func=cmd_resume, max_narratives=None)
+
+    p = sub.add_parser("status", help="list experiments, or show one")
+    p.add_argument("experiment_id", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    _add_db(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write all results of an experiment")
+    p.add_argument("experiment_id")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--out", help="output file (default: <experiment_id>.<format>)")
+    _add_db(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("cancel", help="mark an experiment cancelled")
+    p.add_argument("experiment_id")
+    _add_db(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("migrate", help="upgrade an older database in place")
+    _add_db(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("mock-server", help="run the built-in simulated LLM on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--error-rate", type=float, default=0.0)
+    p.set_defaults(func=cmd_mock_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(console=sys.stderr)
+    try:
+        return int(args.func(args))
+    except Stopped as exc:
+        print(f"asyncrunner: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except AsyncRunnerError as exc:
+        print(f"asyncrunner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("asyncrunner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,159 @@
+"""The per-experiment PID lock file: `.resume_lock_<experiment_id>.pid` beside the database.
+
+Mutual exclusion comes from `flock` on the file, not from its contents: the kernel drops the
+lock when its process dies, `kill -9` included, so there is no window in which two processes
+both hold it and no PID-reuse guess. The file records who holds it (PID, process start time,
+host, time) so a refusal can name the holder and a leftover file from a dead process can be
+reported as stale before it is replaced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .errors import RefusedError
+from .ids import require_uuid
+
+
+def lock_path(db_path: str | Path, experiment_id: str) -> Path:
+    require_uuid(experiment_id)
+    return Path(db_path).resolve().parent / f".resume_lock_{experiment_id}.pid"
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (Linux), to tell PID reuse apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields resume after ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def holder_alive(holder: dict[str, Any] | None) -> bool:
+    """Whether the process recorded in a lock file still runs (same PID *and* start time)."""
+    if not holder or not isinstance(holder.get("pid"), int):
+        return False
+    pid = holder["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = holder.get("start_ticks")
+    return started is None or _process_start_ticks(pid) in (None, started)
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    held: bool
+    holder: dict[str, Any] | None
+
+
+def probe(db_path: str | Path, experiment_id: str) -> LockState:
+    """Is the experiment's lock held by a live process right now? Takes nothing."""
+    path = lock_path(db_path, experiment_id)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return LockState(False, None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return LockState(True, read_holder(path))
+    else:
+        return LockState(False, read_holder(path))
+    finally:
+        os.close(fd)
+
+
+class ExperimentLock:
+    """Hold the experiment's lock for the lifetime of a run; released on every exit path."""
+
+    def __init__(self, db_path: str | Path, experiment_id: str) -> None:
+        self.path = lock_path(db_path, experiment_id)
+        self.experiment_id = experiment_id
+        self.stale_holder: dict[str, Any] | None = None
+        self._fd: int | None = None
+
+    def acquire(self) -> ExperimentLock:
+        # Bounded: each retry means another process unlinked the file between our open and
+        # flock, which can only happen a handful of times before one of us wins.
+        for _ in range(50):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = read_holder(self.path) or {}
+                raise RefusedError(
+                    f"experiment {self.experiment_id} is locked by running process "
+                    f"PID {holder.get('pid', '?')} (lock file {self.path}); wait for it "
+                    "to finish or stop it first"
+                ) from None
+            if self._same_file(fd):
+                self._fd = fd
+                self._record_holder(fd)
+                return self
+            os.close(fd)
+        raise RefusedError(f"could not take the lock file {self.path}; try again")
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _record_holder(self, fd: int) -> None:
+        previous = os.read(fd, 4096)
+        if previous.strip():
+            try:
+                self.stale_holder = json.loads(previous)
+            except ValueError:
+                self.stale_holder = {"pid": None}
+        pid = os.getpid()
+        info = {
+            "pid": pid,
+            "start_ticks": _process_start_ticks(pid),
+            "host": socket.gethostname(),
+            "acquired_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "experiment_id": self.experiment_id,
+        }
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+
+    def release(self) -> None:
+        """Idempotent. Unlink while still holding the lock so no waiter grabs a dead inode."""
+        if self._fd is None:
+            return
+        try:
+            if self._same_file(self._fd):
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ExperimentLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
