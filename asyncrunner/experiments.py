@@ -13,7 +13,7 @@ from typing import Any
 from .clock import local_now
 from .config import Config
 from .errors import RefusedError
-from .store import RESUMABLE, ExperimentRecord, get_experiment
+from .store import RESUMABLE, ExperimentRecord, count_results, get_experiment
 
 
 def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_file: str,
@@ -55,14 +55,23 @@ def mark_running(conn: sqlite3.Connection, experiment_id: str) -> None:
 
 
 def require_resumable(conn: sqlite3.Connection, experiment_id: str, *, lock_held: bool,
-                      force: bool = False) -> ExperimentRecord:
-    """The experiment, if the contract lets it be resumed now; otherwise refuse (exit 3)."""
+                      force: bool = False, retry_errors_only: bool = False) -> ExperimentRecord:
+    """The experiment, if the contract lets it be resumed now; otherwise refuse (exit 3).
+
+    A completed experiment is refused, except to retry its error rows: a run finishes
+    with its failed narratives recorded, and retrying them is what RETRY_ERRORS_ONLY is for.
+    """
     record = get_experiment(conn, experiment_id)
     if record is None:
         raise RefusedError(
             f"no experiment {experiment_id} in this database; "
             "list them with `asyncrunner status` (check --db / EXPERIMENTS_DB)"
         )
+    if record.status == "completed" and retry_errors_only:
+        if not count_results(conn, experiment_id)[1]:
+            raise RefusedError(f"experiment {experiment_id} is completed with no error rows; "
+                               "nothing to retry")
+        return record
     if record.status == "completed":
         raise RefusedError(
             f"experiment {experiment_id} is completed; nothing to resume "

@@ -160,8 +160,9 @@ def _resume(req: RunRequest, out: IO[str],
     conn = connect(req.db_path)
     try:
         with ExperimentLock(req.db_path, experiment_id) as lock:
-            record = experiments.require_resumable(conn, experiment_id, lock_held=False,
-                                                   force=req.force)
+            record = experiments.require_resumable(
+                conn, experiment_id, lock_held=False, force=req.force,
+                retry_errors_only=req.retry_errors_only)
             cfg, drift = _resume_config(req, record)
             _check_data_unchanged(record)
             cutoff = store.set_cutoff(conn, record.data_checksum or "", record.max_narratives)

@@ -1,0 +1,230 @@
+"""parse_answer: finding the answer in what models really emit, coercing near-misses, and
+rejecting the rest with a short message that never echoes the response."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from asyncrunner.parsing import Answer, AnswerParseError, parse_answer
+
+FULL = '{"detected": true, "confidence": 0.9, "indicators": ["a", "b"], "rationale": "r"}'
+FULL_ANSWER = Answer(detected=True, confidence=0.9, indicators=("a", "b"), rationale="r")
+SECRET = "NARRATIVE-SECRET-TEXT"
+
+
+def answer_of(**fields: Any) -> Answer:
+    return parse_answer(json.dumps(fields))
+
+
+def parse_error(content: str | None, finish_reason: str | None = None) -> str:
+    with pytest.raises(AnswerParseError) as info:
+        parse_answer(content, finish_reason)
+    message = str(info.value)
+    assert len(message) < 200 and "\n" not in message
+    return message
+
+
+# --- locating the answer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    FULL,
+    f"  \n{FULL}\n\n",
+    f"```json\n{FULL}\n```",
+    f"```\n{FULL}\n```",
+    f"Here is my answer:\n```json\n{FULL}\n```\nHope this helps.",
+    f"Sure! {FULL} Let me know if you need more.",
+    # reasoning text with braces, sets and JSON-like fragments before the answer
+    "Thinking: the set {a, b} matters; a {broken: json} and {\"x\": 1} too.\n"
+    "The schema is {\"detected\": bool, ...}.\nFinal:\n" + FULL,
+    # a draft answer in the reasoning loses to the final one
+    '{"detected": false, "confidence": 0.1}\nOn reflection:\n' + FULL,
+    # harmony (gpt-oss)
+    "<|channel|>analysis<|message|>Draft: {\"detected\": false}. Hmm.<|end|>"
+    f"<|start|>assistant<|channel|>final<|message|>{FULL}<|return|>",
+    "<|channel|>analysis<|message|>thinking<|end|>"
+    f"<|start|>assistant<|channel|>final<|message|>{FULL}",
+    "<|channel|>analysis<|message|>x<|end|>"
+    f"<|start|>assistant<|channel|>final <|constrain|>json<|message|>{FULL}<|end|>",
+    # <think> blocks, including a stray closing tag whose opening was in the chat template
+    '<think>maybe {"detected": false}? {{ }</think>\n' + FULL,
+    '<THINK>\nstuff {"detected": false}\n</THINK>' + FULL,
+    'the opening tag was in the template {"detected": false}</think>' + FULL,
+    '<thinking>{"detected": false}</thinking>```json\n' + FULL + "\n```",
+])
+def test_answer_is_found(content: str) -> None:
+    assert parse_answer(content) == FULL_ANSWER
+
+
+def test_last_object_with_detected_wins_and_others_are_ignored() -> None:
+    content = ('{"detected": false, "confidence": 0.2} then {"detected": true, "confidence": 0.7}'
+               ' and finally {"other": 1}')
+    assert parse_answer(content) == Answer(True, 0.7, (), None)
+
+
+def test_nested_braces_and_escapes_inside_strings() -> None:
+    rationale = 'saw "{"detected": false}" and {nested {braces}} \\ } {'
+    content = "prefix { " + json.dumps({"detected": True, "rationale": rationale}) + " suffix }"
+    assert parse_answer(content).rationale == rationale
+
+
+def test_nested_object_is_not_a_top_level_candidate() -> None:
+    content = '{"detected": true, "meta": {"detected": false}}'
+    assert parse_answer(content).detected is True
+
+
+def test_raw_newlines_inside_strings_are_accepted() -> None:
+    content = '{"detected": true, "rationale": "line 1\nline 2"}'
+    assert parse_answer(content).rationale == "line 1\nline 2"
+
+
+def test_harmony_without_final_channel_ignores_the_analysis() -> None:
+    content = '<|channel|>analysis<|message|>I think {"detected": true} fits'
+    assert parse_error(content) == "no JSON object with 'detected' in response"
+
+
+def test_unclosed_think_is_ignored() -> None:
+    assert "no JSON object" in parse_error('<think>so {"detected": true} probably')
+
+
+# --- coercions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), (1, True), (0, False),
+    ("yes", True), ("No", False), (" TRUE ", True), ("false", False), ("1", True), ("0", False),
+])
+def test_detected_coercions(value: Any, expected: bool) -> None:
+    assert answer_of(detected=value).detected is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, -1, 1.0, None, [], {}])
+def test_detected_ambiguous_values_are_errors(value: Any) -> None:
+    assert "'detected'" in parse_error(json.dumps({"detected": value}))
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (0.8, 0.8), (0, 0.0), (1, 1.0), (0.0, 0.0), (80, 0.8), (100, 1.0), (55.5, 0.555),
+    ("0.8", 0.8), (" 0.25 ", 0.25), ("80", 0.8), ("80%", 0.8), ("80 %", 0.8), ("0.5%", 0.005),
+    (None, None),
+])
+def test_confidence_coercions(value: Any, expected: float | None) -> None:
+    assert answer_of(detected=True, confidence=value).confidence == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", [-0.1, 100.5, 101, 10**400, "high", "", "-5%", "150%", "nan",
+                                   "inf", True, [0.5], {"v": 1}])
+def test_confidence_out_of_range_or_non_numeric_is_error(value: Any) -> None:
+    assert "'confidence'" in parse_error(json.dumps({"detected": True, "confidence": value}))
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_confidence_non_finite_json_literal_is_error(literal: str) -> None:
+    assert "'confidence'" in parse_error('{"detected": true, "confidence": %s}' % literal)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (["a", "b"], ("a", "b")),
+    ([" a ", "", "  ", None, 3, True], ("a", "3", "True")),
+    ("single", ("single",)),
+    ("", ()),
+    ([], ()),
+    (None, ()),
+])
+def test_indicators_coercions(value: Any, expected: tuple[str, ...]) -> None:
+    assert answer_of(detected=True, indicators=value).indicators == expected
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, 3, True])
+def test_indicators_other_types_are_errors(value: Any) -> None:
+    assert "'indicators'" in parse_error(json.dumps({"detected": True, "indicators": value}))
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("because", "because"), (None, None), (42, "42"), (["x"], "['x']"),
+])
+def test_rationale_coercions(value: Any, expected: str | None) -> None:
+    assert answer_of(detected=False, rationale=value).rationale == expected
+
+
+def test_missing_optional_fields_and_extra_fields() -> None:
+    assert parse_answer('{"detected": "no", "severity": 3, "notes": {"x": [1]}}') == Answer(
+        detected=False, confidence=None, indicators=(), rationale=None)
+
+
+def test_case_insensitive_keys_are_a_fallback() -> None:
+    content = '{"Detected": "yes", "CONFIDENCE": 70, "Indicators": "x", "Rationale": "r"}'
+    assert parse_answer(content) == Answer(True, 0.7, ("x",), "r")
+    # the exact key wins over a case variant
+    assert parse_answer('{"Detected": false, "detected": true}').detected is True
+    assert "ambiguous" in parse_error('{"Detected": false, "DETECTED": true}')
+
+
+def test_answer_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FULL_ANSWER.detected = False  # type: ignore[misc]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [None, "", "   \n\t "])
+def test_empty_response(content: str | None) -> None:
+    assert parse_error(content) == "empty response"
+
+
+@pytest.mark.parametrize("content", [
+    "I cannot classify this narrative.",
+    '{"result": true, "confidence": 0.4}',
+    "{not json at all}",
+    '["detected", true]',
+    '{"answer": {"detected": true}}',
+])
+def test_no_json_with_detected(content: str) -> None:
+    assert parse_error(content) == "no JSON object with 'detected' in response"
+
+
+@pytest.mark.parametrize("content", [
+    '{"detected": true, "confidence": 0.9, "rationale": "the narrative says',
+    '```json\n{"detected": true, "indic',
+    '<think>long reasoning that never ends',
+    "<|channel|>analysis<|message|>long reasoning that never ends",
+])
+def test_truncated_output_with_finish_reason_length(content: str) -> None:
+    message = parse_error(content, "length")
+    assert "finish_reason=length" in message
+    assert "finish_reason" not in parse_error(content, "stop")
+
+
+def test_complete_answer_is_accepted_despite_length() -> None:
+    assert parse_answer(FULL + "\nAnd some trailing tex", "length") == FULL_ANSWER
+
+
+def test_empty_with_length_says_both() -> None:
+    message = parse_error("", "length")
+    assert "empty response" in message and "finish_reason=length" in message
+
+
+@pytest.mark.parametrize("content", [
+    json.dumps({"detected": SECRET * 3, "rationale": SECRET}),
+    json.dumps({"detected": True, "confidence": SECRET, "rationale": SECRET}),
+    json.dumps({"detected": True, "indicators": {SECRET: SECRET}}),
+    SECRET * 50,
+    '{"detected": true, "rationale": "' + SECRET * 50,
+])
+@pytest.mark.parametrize("finish_reason", [None, "length"])
+def test_error_messages_never_echo_the_content(content: str, finish_reason: str | None) -> None:
+    assert SECRET not in parse_error(content, finish_reason)
+
+
+def test_bad_value_is_described_briefly() -> None:
+    assert parse_error('{"detected": "maybe"}').endswith("got 'maybe'")
+
+
+def test_pathological_input_is_fast_and_safe() -> None:
+    assert "no JSON" in parse_error("{" * 20_000 + '"x": ' + "[" * 5000)
+    assert parse_answer("{ " * 5000 + FULL) == FULL_ANSWER

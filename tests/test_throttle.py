@@ -1,0 +1,66 @@
+"""AIMD back-pressure: one burst of slow-downs halves once, successes climb back, never
+above the ceiling; the common pause delays every worker."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from asyncrunner.throttle import AdaptiveLimiter
+
+
+def test_decrease_once_per_cooldown_and_recover_to_ceiling() -> None:
+    limiter = AdaptiveLimiter(16, cooldown_s=60)
+    for _ in range(20):
+        limiter.on_slow_down(None)
+    assert limiter.stats().limit == 8 and limiter.stats().decreases == 1
+    for _ in range(1000):
+        limiter.on_success()
+    assert limiter.stats().limit == 16
+
+
+def test_floor_is_one() -> None:
+    limiter = AdaptiveLimiter(4, cooldown_s=0)
+    for _ in range(10):
+        limiter.on_slow_down(None)
+    assert limiter.stats().limit == 1
+
+
+async def test_concurrency_never_exceeds_limit() -> None:
+    limiter = AdaptiveLimiter(8, cooldown_s=0)
+    limiter.on_slow_down(None)  # limit 4
+    peak = 0
+    active = 0
+
+    async def job() -> None:
+        nonlocal peak, active
+        await limiter.acquire()
+        active += 1
+        peak = max(peak, active)
+        await anyio.sleep(0.01)
+        active -= 1
+        await limiter.release()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(job)
+    assert peak == 4
+
+
+async def test_retry_after_pauses_new_requests() -> None:
+    limiter = AdaptiveLimiter(4)
+    limiter.on_slow_down(0.2)
+    started = time.monotonic()
+    await limiter.acquire()
+    await limiter.release()
+    assert time.monotonic() - started >= 0.19
+
+
+async def test_requests_per_minute_paces() -> None:
+    limiter = AdaptiveLimiter(4, requests_per_minute=600)  # one per 0.1 s
+    started = time.monotonic()
+    for _ in range(4):
+        await limiter.acquire()
+        await limiter.release()
+    assert time.monotonic() - started >= 0.29
