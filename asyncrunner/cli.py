@@ -163,10 +163,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+MOCK_FAULT_FLAGS = {
+    "rate-429": "share answered 429 with Retry-After",
+    "rate-503": "share answered 503",
+    "rate-502-html": "share answered 502 with an HTML page",
+    "hang-rate": "share never answered (until the client gives up)",
+    "reset-rate": "share whose connection is reset without an answer",
+    "malformed-rate": "share answered with content that is not JSON",
+    "fenced-rate": "share answered with JSON in code fences and prose",
+    "reasoning-rate": "share answered in harmony reasoning format",
+    "truncate-rate": "share answered with truncated JSON, finish_reason=length",
+}
+
+
 def cmd_mock_server(args: argparse.Namespace) -> int:
     from .mockserver import serve_forever
 
-    serve_forever(args.port, args.latency_ms, args.error_rate)
+    faults = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
+              for flag in MOCK_FAULT_FLAGS}
+    serve_forever(args.port, args.latency_ms, args.error_rate, **faults,
+                  retry_after_s=None if args.retry_after_s < 0 else args.retry_after_s,
+                  max_concurrent=args.max_concurrent, seed=args.seed,
+                  latency_jitter_ms=args.latency_jitter_ms)
     return 0
 
 
@@ -244,9 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("mock-server", help="run the built-in simulated LLM on 127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed)")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="mean response latency")
+    p.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    p.add_argument("--error-rate", type=float, default=0.0, help="share answered HTTP 500")
+    for flag, text in MOCK_FAULT_FLAGS.items():
+        p.add_argument(f"--{flag}", type=float, default=0.0, help=text)
+    p.add_argument("--retry-after-s", type=float, default=1.0,
+                   help="Retry-After sent with 429/overload answers; negative: no header")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="answer 429 beyond this many requests in flight")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     p.set_defaults(func=cmd_mock_server)
     return parser
 

@@ -28,7 +28,7 @@ import anyio
 import httpx
 import structlog
 
-from .throttle import AdaptiveLimiter
+from .throttle import AdaptiveLimiter, TokenBudget
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SLOW_DOWN_STATUS = frozenset({429, 503})
@@ -113,10 +113,12 @@ def make_http_client(workers: int, timeout_s: float) -> httpx.AsyncClient:
 
 class LLMClient:
     def __init__(self, settings: ClientSettings, http: httpx.AsyncClient,
-                 limiter: AdaptiveLimiter, *, rng: random.Random | None = None) -> None:
+                 limiter: AdaptiveLimiter, *, rng: random.Random | None = None,
+                 budget: TokenBudget | None = None) -> None:
         self.settings = settings
         self.http = http
         self.limiter = limiter
+        self.budget = budget
         self.url = normalize_api_url(settings.api_url)
         self._rng = rng or random.Random()
         self._headers = {"Content-Type": "application/json"}
@@ -145,10 +147,16 @@ class LLMClient:
                        **context: Any) -> Completion | RequestFailure:
         """Send one prompt, retrying what is worth retrying. `context` (ids) goes to logs."""
         body = json.dumps(self.build_body(system_prompt, user_prompt))
+        prompt_chars = len(system_prompt) + len(user_prompt)
         started = time.monotonic()
         outcome: Completion | RequestFailure | None = None
         for attempt in range(1, self.settings.max_attempts + 1):
+            charge = (await self.budget.reserve(self.budget.estimate(prompt_chars))
+                      if self.budget else None)
             outcome = await self._attempt(body, attempt, started)
+            if self.budget and charge is not None and isinstance(outcome, Completion):
+                self.budget.settle(charge, prompt_chars, outcome.prompt_tokens,
+                                   outcome.completion_tokens)
             if isinstance(outcome, Completion) or not outcome.retryable:
                 break
             if attempt == self.settings.max_attempts:
@@ -178,6 +186,7 @@ class LLMClient:
         def fail(category: str, message: str, **kw: Any) -> RequestFailure:
             return RequestFailure(category, message, time.monotonic() - started, attempt, **kw)
 
+        sent_at = time.monotonic()
         try:
             # httpx's read timeout is per read; this bounds the whole exchange.
             with anyio.fail_after(self.settings.timeout_s + 1.0):
@@ -188,16 +197,16 @@ class LLMClient:
         except httpx.TransportError as exc:
             return fail("api_error", f"{type(exc).__name__}: connection failed or dropped",
                         retryable=True)
-        return self._interpret(response, attempt, started, fail)
+        return self._interpret(response, attempt, started, sent_at, fail)
 
     def _interpret(self, response: httpx.Response, attempt: int, started: float,
-                   fail: Any) -> Completion | RequestFailure:
+                   sent_at: float, fail: Any) -> Completion | RequestFailure:
         status = response.status_code
         text = response.text
         if status != 200:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status in SLOW_DOWN_STATUS:
-                self.limiter.on_slow_down(retry_after)
+                self.limiter.on_slow_down(retry_after, sent_at)
             detail = _error_detail(text)
             category = "rate_limit" if status == 429 else "api_error"
             if status == 400 and any(k in detail.lower() for k in CONTEXT_TOO_LONG):

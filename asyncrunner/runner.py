@@ -30,7 +30,7 @@ from .client import ClientSettings, LLMClient, make_http_client
 from .messages import Narrative, Result
 from .producer import WorkSelection, produce
 from .progress import Snapshot
-from .throttle import AdaptiveLimiter
+from .throttle import AdaptiveLimiter, TokenBudget
 from .workers import Prompt, worker
 from .writer import ResultWriter, WriterSettings
 
@@ -47,6 +47,7 @@ class PipelineSpec:
     workers: int
     grace_s: float = 30.0
     requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
     mock_server: bool = False
     mock_latency_ms: float = 0.0
 
@@ -117,7 +118,9 @@ async def run_pipeline(spec: PipelineSpec,
             on_start(client_settings.api_url)
         http = await stack.enter_async_context(
             make_http_client(spec.workers, client_settings.timeout_s))
-        client = LLMClient(client_settings, http, limiter)
+        budget = (TokenBudget(spec.tokens_per_minute, client_settings.max_tokens)
+                  if spec.tokens_per_minute else None)
+        client = LLMClient(client_settings, http, limiter, budget=budget)
         writer = ResultWriter(spec.db_path, spec.writer, on_commit=on_commit,
                               concurrency=lambda: limiter.stats().limit)
         narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)

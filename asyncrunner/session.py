@@ -263,6 +263,7 @@ def _run_session(conn: sqlite3.Connection, req: RunRequest, cfg: Config,
         prompt=Prompt(cfg.prompt.system_prompt, cfg.prompt.user_template),
         workers=cfg.run.workers, grace_s=cfg.run.grace_period_s,
         requests_per_minute=cfg.run.requests_per_minute,
+        tokens_per_minute=cfg.run.tokens_per_minute,
         mock_server=cfg.model.provider == "mock",
     )
     try:

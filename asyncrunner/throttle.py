@@ -1,15 +1,17 @@
 """Shared back-pressure for all workers: an AIMD concurrency limit plus a common pause.
 
 When the server says slow down (429/503), every worker slows down, not only the one that
-was told: the allowed concurrency halves (at most once per `cooldown_s`, so one burst of
-429s is one decrease, not fifty) and everyone waits out the server's Retry-After. Each
-success adds 1/limit, so the limit climbs back by about one per window of full
-concurrency, and never above the `--workers` ceiling.
+was told: the allowed concurrency halves and everyone waits out the server's Retry-After.
+As in TCP, a slow-down answer to a request sent before the last decrease does not halve
+again: a burst of 429s from one round of requests is one decrease, not fifty. Each success
+adds 1/limit, so the limit climbs back by about one per round of requests, and never above
+the `--workers` ceiling.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import anyio
@@ -24,12 +26,54 @@ class ThrottleStats:
     paused_for_s: float
 
 
+class TokenBudget:
+    """An optional tokens-per-minute limit over a sliding 60 s window.
+
+    A request is charged an estimate before it is sent (prompt characters / chars-per-token,
+    plus the mean completion seen so far); the estimate is replaced by the usage the server
+    reports, and the chars-per-token ratio learns from it.
+    """
+
+    WINDOW_S = 60.0
+
+    def __init__(self, tokens_per_minute: float, max_completion_tokens: int) -> None:
+        self.tpm = tokens_per_minute
+        self._spent: deque[list[float]] = deque()  # [time, tokens]
+        self._chars_per_token = 4.0
+        self._completion_mean = max_completion_tokens / 2
+
+    def estimate(self, prompt_chars: int) -> float:
+        return prompt_chars / self._chars_per_token + self._completion_mean
+
+    def _used(self, now: float) -> float:
+        while self._spent and now - self._spent[0][0] >= self.WINDOW_S:
+            self._spent.popleft()
+        return sum(entry[1] for entry in self._spent)
+
+    async def reserve(self, tokens: float) -> list[float]:
+        while True:
+            now = time.monotonic()
+            # An empty window always admits one request, however large, so nothing starves.
+            if not self._spent or self._used(now) + tokens <= self.tpm:
+                entry = [now, tokens]
+                self._spent.append(entry)
+                return entry
+            await anyio.sleep(max(0.05, self._spent[0][0] + self.WINDOW_S - now))
+
+    def settle(self, entry: list[float], prompt_chars: int, prompt_tokens: int | None,
+               completion_tokens: int | None) -> None:
+        if prompt_tokens:
+            self._chars_per_token = 0.8 * self._chars_per_token + 0.2 * (prompt_chars / prompt_tokens)
+            entry[1] = prompt_tokens + (completion_tokens or 0)
+        if completion_tokens is not None:
+            self._completion_mean = 0.8 * self._completion_mean + 0.2 * completion_tokens
+
+
 class AdaptiveLimiter:
-    def __init__(self, ceiling: int, *, cooldown_s: float = 1.0, floor: int = 1,
+    def __init__(self, ceiling: int, *, floor: int = 1,
                  requests_per_minute: float | None = None) -> None:
         self.ceiling = ceiling
         self.floor = floor
-        self.cooldown_s = cooldown_s
         self._limit = float(ceiling)
         self._in_flight = 0
         self._changed = anyio.Condition()
@@ -75,11 +119,12 @@ class AdaptiveLimiter:
     def on_success(self) -> None:
         self._limit = min(float(self.ceiling), self._limit + 1.0 / max(self._limit, 1.0))
 
-    def on_slow_down(self, retry_after_s: float | None) -> None:
+    def on_slow_down(self, retry_after_s: float | None, sent_at: float | None = None) -> None:
+        """`sent_at`: when the refused request was sent (time.monotonic()); None = now."""
         now = time.monotonic()
         if retry_after_s:
             self._paused_until = max(self._paused_until, now + retry_after_s)
-        if now - self._last_decrease >= self.cooldown_s:
+        if (now if sent_at is None else sent_at) > self._last_decrease:
             self._last_decrease = now
             self._decreases += 1
             self._limit = max(float(self.floor), self._limit / 2.0)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import time
 
 import anyio
+import pytest
 
 from asyncrunner.throttle import AdaptiveLimiter
 
 
-def test_decrease_once_per_cooldown_and_recover_to_ceiling() -> None:
-    limiter = AdaptiveLimiter(16, cooldown_s=60)
+def test_one_round_of_refusals_is_one_decrease_and_recovers_to_ceiling() -> None:
+    limiter = AdaptiveLimiter(16)
+    sent = time.monotonic()
     for _ in range(20):
-        limiter.on_slow_down(None)
+        limiter.on_slow_down(None, sent_at=sent)
     assert limiter.stats().limit == 8 and limiter.stats().decreases == 1
     for _ in range(1000):
         limiter.on_success()
@@ -21,14 +23,14 @@ def test_decrease_once_per_cooldown_and_recover_to_ceiling() -> None:
 
 
 def test_floor_is_one() -> None:
-    limiter = AdaptiveLimiter(4, cooldown_s=0)
+    limiter = AdaptiveLimiter(4)
     for _ in range(10):
         limiter.on_slow_down(None)
     assert limiter.stats().limit == 1
 
 
 async def test_concurrency_never_exceeds_limit() -> None:
-    limiter = AdaptiveLimiter(8, cooldown_s=0)
+    limiter = AdaptiveLimiter(8)
     limiter.on_slow_down(None)  # limit 4
     peak = 0
     active = 0
@@ -64,3 +66,19 @@ async def test_requests_per_minute_paces() -> None:
         await limiter.acquire()
         await limiter.release()
     assert time.monotonic() - started >= 0.29
+
+
+async def test_token_budget_waits_when_the_window_is_spent_and_learns_usage() -> None:
+    from asyncrunner.throttle import TokenBudget
+
+    budget = TokenBudget(tokens_per_minute=1000, max_completion_tokens=100)
+    assert budget.estimate(400) == 400 / 4 + 50
+    entry = await budget.reserve(900)
+    budget.settle(entry, 400, prompt_tokens=200, completion_tokens=20)
+    assert entry[1] == 220  # the reported usage replaces the estimate
+    # 2 chars/token seen pulls the ratio from 4 toward 2; completions of 20 pull 50 down
+    assert budget.estimate(400) == pytest.approx(400 / 3.6 + 44)
+    await budget.reserve(700)  # 220 + 700 fits
+    with anyio.move_on_after(0.2) as scope:
+        await budget.reserve(500)  # would exceed 1000 within the window
+    assert scope.cancelled_caught
