@@ -86,6 +86,15 @@ def normalize_api_url(url: str) -> str:
     return trimmed
 
 
+def redact_url(url: str) -> str:
+    """The URL as stored and logged: no user:password, no query string (keys hide there)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<invalid url>"
+    return str(parsed.copy_with(userinfo=b"", query=None))
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Retry-After is either delta-seconds or an HTTP date."""
     if not value:

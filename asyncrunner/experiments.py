@@ -19,6 +19,8 @@ from .store import RESUMABLE, ExperimentRecord, count_results, get_experiment
 def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_file: str,
            checksum: str, n_total: int, api_url: str, log_dir: str) -> None:
     m, p, r = cfg.model, cfg.prompt, cfg.run
+    stored = cfg.to_dict()
+    stored["model"]["api_url"] = api_url  # already redacted by the caller
     conn.execute(
         """
         INSERT INTO experiments (
@@ -31,7 +33,7 @@ def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_fi
         (
             experiment_id, cfg.experiment.name, m.name, m.provider, m.temperature, api_url,
             p.system_prompt, p.user_template, p.version, r.seed, data_file, checksum,
-            r.max_narratives, n_total, local_now(), log_dir, json.dumps(cfg.to_dict()),
+            r.max_narratives, n_total, local_now(), log_dir, json.dumps(stored),
         ),
     )
 

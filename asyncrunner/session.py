@@ -27,7 +27,7 @@ import anyio
 import structlog
 
 from . import backup, experiments, logs, store
-from .client import ClientSettings, normalize_api_url
+from .client import ClientSettings, normalize_api_url, redact_url
 from .config import Config, build_config, config_from_dict, env_flag, read_yaml, resolve_data_path
 from .errors import AsyncRunnerError, InputError, RefusedError, RunFailed, Stopped
 from .finalize import finalize
@@ -131,7 +131,7 @@ def _start(req: RunRequest, out: IO[str],
             experiments.create(
                 conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
                 checksum=report.data_checksum, n_total=total,
-                api_url=normalize_api_url(cfg.model.api_url),
+                api_url=redact_url(normalize_api_url(cfg.model.api_url)),
                 log_dir=str(Path(cfg.run.log_dir) / experiment_id),
             )
             print(f"experiment_id: {experiment_id}", file=out, flush=True)
@@ -141,6 +141,7 @@ def _start(req: RunRequest, out: IO[str],
                      f"'{cfg.experiment.name}': {total} narratives, {cfg.run.workers} workers",
                      model=cfg.model.name, provider=cfg.model.provider, total=total,
                      workers=cfg.run.workers, batch_size=cfg.run.batch_size)
+            _log_config(cfg)
             selection = WorkSelection(experiment_id, report.data_checksum, cutoff)
             return _run_session(conn, req, cfg, selection, total, total, out, on_commit)
     finally:
@@ -188,6 +189,7 @@ def _resume(req: RunRequest, out: IO[str],
                 f"RESUMING {experiment_id}: completed {done}, {mode} {target}, "
                 f"total {total} ({pct:.1f}% done), previous status {record.status}"),
                 completed=done, remaining=target, total=total, previous_status=record.status)
+            _log_config(cfg)
             selection = WorkSelection(experiment_id, record.data_checksum or "", cutoff,
                                       retry_errors_only=req.retry_errors_only)
             return _run_session(conn, req, cfg, selection, total, target, out, on_commit)
@@ -221,6 +223,17 @@ def _resume_config(req: RunRequest, record: store.ExperimentRecord) -> tuple[Con
         run=replace(current.run, seed=record.run_seed, max_narratives=record.max_narratives),
     )
     return cfg, drift
+
+
+def _log_config(cfg: Config) -> None:
+    """A summary of what this session runs with; the key's variable name, never its value."""
+    m, r = cfg.model, cfg.run
+    log.info("config", model=m.name, provider=m.provider,
+             api_url=redact_url(normalize_api_url(m.api_url)),
+             api_key_env=m.api_key_env, temperature=m.temperature, max_tokens=m.max_tokens,
+             timeout_s=m.timeout_s, prompt_version=cfg.prompt.version, workers=r.workers,
+             batch_size=r.batch_size, max_attempts=r.max_attempts, seed=r.seed,
+             max_narratives=r.max_narratives, data_file=cfg.data.file)
 
 
 def _check_data_unchanged(record: store.ExperimentRecord) -> None:
