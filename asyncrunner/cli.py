@@ -13,6 +13,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     with ProgressView.for_stream(sys.stdout) as view:
         summary = execute(req, on_commit=view.update)
-    print(f"status: {summary.status}")
-    print(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
-    with connect(req.db_path) as conn:
+    with closing(connect(req.db_path)) as conn:
         info = status.collect(conn, req.db_path, summary.experiment_id)
     if info:
         print(status.render_detail(info))
+    print(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
+    if summary.exports.get("report"):
+        print(f"report: {summary.exports['report']}")
     return 0
 
 
@@ -129,6 +131,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"wrote {written}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import default_report_path, write_report
+
+    experiment_id = require_uuid(args.experiment_id)
+    conn = _existing_db(args)
+    try:
+        record = status.store.get_experiment(conn, experiment_id)
+        if record is None:
+            raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
+        output_dir = Path(record.config.get("run", {}).get("output_dir") or ".")
+        out = Path(args.out) if args.out else default_report_path(output_dir, experiment_id)
+        written = write_report(conn, experiment_id, out)
+    finally:
+        conn.close()
+    print(f"report: {written}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, render_text, to_json
+
+    first, second = require_uuid(args.first), require_uuid(args.second)
+    conn = _existing_db(args)
+    try:
+        result = compare(conn, first, second)
+    finally:
+        conn.close()
+    print(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
     return 0
 
 
@@ -252,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("report", help="write a self-contained HTML report of an experiment")
+    p.add_argument("experiment_id")
+    p.add_argument("--out", help="output file (default: <output_dir>/<id>_report.html)")
+    _add_db(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare two experiments over the same narratives")
+    p.add_argument("first", metavar="ID1")
+    p.add_argument("second", metavar="ID2")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_db(p)
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("cancel", help="mark an experiment cancelled")
     p.add_argument("experiment_id")
     _add_db(p)
@@ -279,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(console=sys.stderr)
+    logs.configure()
     try:
         return int(args.func(args))
     except Stopped as exc:

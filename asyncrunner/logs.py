@@ -27,7 +27,9 @@ CONSOLE_EVENTS = frozenset({
 class _Sinks:
     def __init__(self) -> None:
         self.file: IO[str] | None = None
-        self.console: IO[str] | None = sys.stderr
+        # None: whatever sys.stderr is when the line is written, so that the live progress
+        # bar (which redirects stderr while it runs) prints log lines above itself.
+        self.console: IO[str] | None = None
         self.quiet_console_info = False
 
 
@@ -61,12 +63,12 @@ def _fan_out(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     show = level in ("warning", "error", "critical") or (
         event.get("event") in CONSOLE_EVENTS and not _sinks.quiet_console_info
     )
-    if show and _sinks.console is not None:
-        print(_console_line(event), file=_sinks.console, flush=True)
+    if show:
+        print(_console_line(event), file=_sinks.console or sys.stderr, flush=True)
     raise structlog.DropEvent
 
 
-def configure(*, console: IO[str] | None = sys.stderr) -> None:
+def configure(*, console: IO[str] | None = None) -> None:
     """Process-wide set-up; call again to change sinks (tests run many runs in one process)."""
     _sinks.console = console
     structlog.configure(

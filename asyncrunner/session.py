@@ -308,11 +308,26 @@ def _run_session(conn: sqlite3.Connection, req: RunRequest, cfg: Config,
                         f"`asyncrunner resume {experiment_id}`") from exc
     log.info("exports", message=f"results written: {result['exports']['csv']}, "
                                 f"{result['exports']['json']}")
+    report = _write_report(conn, experiment_id, Path(cfg.run.output_dir))
+    if report:
+        result["exports"]["report"] = report
     overall = result["metrics"]["overall"]
     log.info("run_finished", message=f"experiment {experiment_id} completed",
              n=overall["n"], precision=overall["precision"], recall=overall["recall"],
              f1=overall["f1"])
     return RunSummary(experiment_id, "completed", result["metrics"], result["exports"])
+
+
+def _write_report(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> str | None:
+    """The HTML report is a convenience: if it cannot be drawn the run has still finished."""
+    from .report import default_report_path, write_report
+
+    try:
+        return str(write_report(conn, experiment_id, default_report_path(output_dir, experiment_id)))
+    except Exception as exc:  # noqa: BLE001 - any failure here must not fail a finished run
+        log.warning("report_failed", message=f"report not written: {_describe(exc)}; "
+                    f"run `asyncrunner report {experiment_id}` to retry")
+        return None
 
 
 def _mark_failed(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:

@@ -115,15 +115,17 @@ def render_detail(info: dict[str, Any]) -> str:
             else " (no live process holds its lock)" if info["status"] == "running" else ""),
         f"  model      {info['model']} ({info['provider']}, T={info['temperature']}, "
         f"prompt {info['prompt_version']})",
-        f"  progress   {info['done']}/{info['total']} ({pct:.1f}%), "
-        f"recent rate {info['rate_per_s']:.2f}/s" + (f", ETA {info['eta']}" if info["eta"] else ""),
+        f"  progress   {info['done']}/{info['total']} ({pct:.1f}%)" + (
+            f", recent rate {info['rate_per_s']:.2f}/s" if info["status"] == "running" else "")
+        + (f", ETA {info['eta']}" if info["eta"] else ""),
         f"  started    {info['start_time']}" + (
             f", ended {info['end_time']}" if info["end_time"] else ""),
         f"  errors     {info['errors']}" + (
             " (" + ", ".join(f"{k}: {v}" for k, v in info["errors_by_category"].items()) + ")"
             if info["errors_by_category"] else ""),
         f"  tokens     prompt {info['tokens']['prompt']}, completion "
-        f"{info['tokens']['completion']}, {info['tokens']['per_s']}/s per request",
+        f"{info['tokens']['completion']} ({info['tokens']['per_s']:.0f} tokens per second "
+        "of request time)",
     ]
     if info["cost_estimate"] is not None:
         lines.append(f"  cost est.  {info['cost_estimate']}")

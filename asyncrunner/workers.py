@@ -71,7 +71,9 @@ async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
     result = to_result(n, outcome)
     if result.error_category is not None:
         status = outcome.status if isinstance(outcome, RequestFailure) else None
-        log.warning("narrative_error", category=result.error_category, status=status,
+        # info, not warning: an errored narrative is recorded and counted on the progress
+        # display; one console line per failure would drown the display in a 429 storm.
+        log.info("narrative_error", category=result.error_category, status=status,
                     attempts=result.attempt_count, **ctx)
     return result
 
