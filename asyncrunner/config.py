@@ -231,9 +231,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'run.retry_backoff_s' must not be negative")
     if r.commit_interval_s <= 0 or r.grace_period_s < 0:
         raise ConfigError("config keys 'run.commit_interval_s'/'run.grace_period_s' must be positive")
-    for key, value in (("run.requests_per_minute", r.requests_per_minute),
+    for key, limit in (("run.requests_per_minute", r.requests_per_minute),
                        ("run.tokens_per_minute", r.tokens_per_minute)):
-        if value is not None and value <= 0:
+        if limit is not None and limit <= 0:
             raise ConfigError(f"config key '{key}' must be positive or empty")
 
 

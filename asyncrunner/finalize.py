@@ -140,7 +140,7 @@ def export(conn: sqlite3.Connection, experiment_id: str, fmt: str, out: Path) ->
         else:
             fh.write("[\n")
             for i, row in enumerate(cursor):
-                fh.write(("," if i else "") + json.dumps(dict(zip(EXPORT_COLUMNS, row))) + "\n")
+                fh.write(("," if i else "") + json.dumps(dict(zip(EXPORT_COLUMNS, row, strict=True))) + "\n")
             fh.write("]\n")
     tmp.replace(out)
     return out

@@ -23,7 +23,7 @@ import sqlite3
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -327,7 +327,7 @@ def _describe(value: Any) -> str:
 # File formats
 
 
-def _read_rows(path: Path, sheet: str | None) -> Iterator[Row]:
+def _read_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
     """(row number, values) for every row of the file, header included, streamed."""
     suffix = path.suffix.lower()
     if suffix == ".xlsx":
@@ -340,7 +340,7 @@ def _read_rows(path: Path, sheet: str | None) -> Iterator[Row]:
     )
 
 
-def _csv_rows(path: Path) -> Iterator[Row]:
+def _csv_rows(path: Path) -> Generator[Row, None, None]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             # Record numbers, not line numbers: a quoted narrative may span lines, and the
@@ -362,7 +362,7 @@ _XLSX_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _xlsx_rows(path: Path, sheet: str | None) -> Iterator[Row]:
+def _xlsx_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,13 +37,13 @@ class _Sinks:
 _sinks = _Sinks()
 
 
-def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in FORBIDDEN_KEYS & event.keys():
         event.pop(key)
     return event
 
 
-def _console_line(event: dict[str, Any]) -> str:
+def _console_line(event: MutableMapping[str, Any]) -> str:
     name = event.get("event", "")
     level = event.get("level", "info")
     extras = " ".join(
@@ -55,7 +56,7 @@ def _console_line(event: dict[str, Any]) -> str:
     return f"{prefix}{body}" + (f" ({extras})" if extras and not message else "")
 
 
-def _fan_out(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _fan_out(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if _sinks.file is not None:
         _sinks.file.write(json.dumps(event, default=str) + "\n")
         _sinks.file.flush()

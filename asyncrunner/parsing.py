@@ -268,4 +268,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         text = repr(value)
         return text if len(text) <= 20 else f"a very long {type(value).__name__}"
-    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__

@@ -53,7 +53,7 @@ async def produce(db_path: str | Path, selection: WorkSelection,
         await db.execute("PRAGMA query_only = 1")
         while True:
             async with db.execute(sql, params) as cursor:
-                rows = await cursor.fetchall()
+                rows = list(await cursor.fetchall())
             if not rows:
                 return
             for row in rows:

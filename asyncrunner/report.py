@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -258,6 +259,10 @@ def chart_timeline(points: Sequence[ResultPoint]) -> str:
         ax_lat.legend(loc="upper left")
     ax_lat.set_ylabel("latency (s)")
     ax_lat.set_xlabel("processed at (UTC)")
+    # Concise labels (time, date once) stay readable from a minute-long to a days-long run.
+    locator = AutoDateLocator(tz=timezone.utc)
+    ax_lat.xaxis.set_major_locator(locator)
+    ax_lat.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=timezone.utc))
     return _png_img(fig, "Throughput and latency over time")
 
 

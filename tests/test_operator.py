@@ -164,3 +164,27 @@ def test_bad_usage_is_one_line_not_a_traceback(args: list[str]) -> None:
     proc = run_cli(*args)
     assert proc.returncode in (2, 3)
     assert "Traceback" not in proc.stderr
+
+
+def test_report_and_compare_commands(tmp_path: Path, mock_server: MockServer) -> None:
+    data = write_fixture_csv(tmp_path / "cases.csv")
+    cfg = write_config(tmp_path, data, mock_server.url)
+    db = tmp_path / "exp.db"
+    first = run_cli("run", str(cfg), "--db", str(db))
+    second = run_cli("run", str(cfg), "--db", str(db))
+    id1, id2 = experiment_id_from(first.stdout), experiment_id_from(second.stdout)
+    # a finished run writes its report beside the exports and names it last
+    assert first.stdout.strip().splitlines()[-1] == (
+        f"report: {tmp_path / 'out' / (id1 + '_report.html')}")
+    out = tmp_path / "r.html"
+    proc = run_cli("report", id1, "--out", str(out), "--db", str(db))
+    assert proc.returncode == 0 and out.exists() and "Confusion matrix" in out.read_text()
+    proc = run_cli("compare", id1, id2, "--json", "--db", str(db))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["agreement"] == 1.0 and result["n_paired"] == 9
+    assert (result["mcnemar_b"], result["mcnemar_c"]) == (0, 0)
+    text = run_cli("compare", id1, id2, "--db", str(db)).stdout
+    assert "kappa" in text.lower()
+    missing = run_cli("compare", id1, "00000000-0000-4000-8000-000000000000", "--db", str(db))
+    assert missing.returncode == 3

@@ -8,7 +8,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from asyncrunner.report import (
 )
 from asyncrunner.schema import connect
 from conftest import (
-    FIXTURE_ROWS, ROOT, ServerThread, cli_env, experiment_id_from, run_cli, write_config,
+    FIXTURE_ROWS, ServerThread, cli_env, experiment_id_from, run_cli, write_config,
     write_fixture_csv,
 )
 
@@ -257,8 +256,11 @@ def chromium() -> str:
     if shutil.which("apt-get") is None:
         pytest.skip("chromium is not installed and apt-get is not available")
     try:
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True,
-                       timeout=300, check=False)
+        # A fresh machine's package lists may be stale or empty: refresh them first.
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300,
+                       check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True,
+                       timeout=600, check=False)
     except (subprocess.TimeoutExpired, OSError) as exc:
         pytest.skip(f"chromium is not installed and apt-get install failed: {exc}")
     found = shutil.which("chromium")
@@ -292,6 +294,3 @@ def test_screenshot_with_headless_chromium(chromium: str, tmp_path: Path,
     assert len(data) > 20_000
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert distinct_colours(shot) > 50  # text, tables and charts, not one flat colour
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
-    shutil.copyfile(shot, docs / "report_screenshot.png")
