@@ -362,3 +362,44 @@ def test_legacy_database_is_migrated_on_open(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 3
     conn.close()
+
+
+def test_unexpected_error_marks_failed_with_reason_and_releases_lock(
+        tmp_path: Path, slow_server: MockServer) -> None:
+    data = write_fixture_csv(tmp_path / "cases.csv", cases(100))
+    cfg = write_config(tmp_path, data, slow_server.url, workers=2, batch_size=2)
+    db = tmp_path / "exp.db"
+    proc = start(["run", str(cfg), "--db", str(db)])
+    wait_for_results(db, 4)
+    # Pull the results table from under the writer: its next commit fails.
+    conn = sqlite3.connect(db, timeout=10)
+    conn.execute("ALTER TABLE narrative_results RENAME TO narrative_results_moved")
+    conn.commit()
+    conn.close()
+    out, err = finish(proc)
+    assert proc.returncode == 1, err
+    assert "run failed" in err and "Traceback" not in err
+    conn = sqlite3.connect(db)
+    status, reason = conn.execute("SELECT status, failure_reason FROM experiments").fetchone()
+    conn.close()
+    assert status == "failed" and "narrative_results" in reason
+    assert not list(tmp_path.glob(".resume_lock_*"))
+
+
+def test_resume_with_nothing_remaining_just_finalizes(tmp_path: Path,
+                                                     server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory()
+    data = write_fixture_csv(tmp_path / "cases.csv")
+    cfg = write_config(tmp_path, data, server.url)
+    db = tmp_path / "exp.db"
+    eid = experiment_id_from(run_cli("run", str(cfg), "--db", str(db)).stdout)
+    conn = sqlite3.connect(db)  # as if killed between the last commit and finalize
+    conn.execute("UPDATE experiments SET status = 'running', n_tp = NULL, end_time = NULL")
+    conn.commit()
+    conn.close()
+    sent = server.stats().completion_requests
+    proc = run_cli(*resume_args(db, eid))
+    assert proc.returncode == 0, proc.stderr
+    assert server.stats().completion_requests == sent
+    exp = state(db)["experiments"][0]  # type: ignore[index]
+    assert exp[1] == "completed" and exp[2] == 2

@@ -1,0 +1,53 @@
+"""Backups: a consistent online copy of a WAL database, the newest three kept, and a
+refusal when the disk cannot hold the backup and the run's growth."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncrunner import backup
+from asyncrunner.errors import RefusedError
+from asyncrunner.schema import connect
+
+
+def test_backup_of_a_wal_database_holds_uncheckpointed_commits(tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    conn = connect(db)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # keep the commits in the -wal file
+    conn.executemany("INSERT INTO narrative_results (experiment_id, incident_id, "
+                     "narrative_type, error_occurred) VALUES ('e', ?, 'LE', 0)",
+                     [(str(i),) for i in range(500)])
+    assert (tmp_path / "exp.db-wal").stat().st_size > 0
+    copy = backup.make_backup(db)
+    conn.close()
+    check = sqlite3.connect(copy)
+    assert check.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 500
+    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    check.close()
+
+
+def test_keeps_the_newest_three(tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    connect(db).close()
+    made = [backup.make_backup(db) for _ in range(5)]
+    kept = backup.list_backups(db)
+    assert len(kept) == 3 and set(kept) == set(made[-3:])
+
+
+def test_refuses_when_the_disk_is_too_small(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "exp.db"
+    connect(db).close()
+    usage = shutil.disk_usage(tmp_path)
+
+    def tiny(path: Any) -> Any:  # the one boundary a test cannot fill for real
+        return usage._replace(free=10 * 1024 * 1024)
+
+    monkeypatch.setattr(backup.shutil, "disk_usage", tiny)
+    with pytest.raises(RefusedError, match=r"10 MiB free, \d+ MiB needed"):
+        backup.check_disk(db, remaining=40_000, with_backup=True)
