@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from . import __version__, experiments, logs, status
+from . import __version__, experiments, logs, status, store
 from .config import DEFAULT_DB
 from .errors import AsyncRunnerError, RefusedError, Stopped, UsageError
 from .ids import require_uuid
@@ -69,8 +69,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.latest == bool(args.experiment_id):
         raise UsageError("resume takes an EXPERIMENT_ID or --latest (one of them)")
     if args.latest:
-        from . import store
-
         conn = _existing_db(args)
         try:
             record = store.latest_resumable(conn)
@@ -124,7 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     experiment_id = require_uuid(args.experiment_id)
     conn = _existing_db(args)
     try:
-        if status.store.get_experiment(conn, experiment_id) is None:
+        if store.get_experiment(conn, experiment_id) is None:
             raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
         out = Path(args.out) if args.out else Path(f"{experiment_id}.{args.format}")
         written = export(conn, experiment_id, args.format, out)
@@ -140,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     experiment_id = require_uuid(args.experiment_id)
     conn = _existing_db(args)
     try:
-        record = status.store.get_experiment(conn, experiment_id)
+        record = store.get_experiment(conn, experiment_id)
         if record is None:
             raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
         output_dir = Path(record.config.get("run", {}).get("output_dir") or ".")
@@ -170,7 +168,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     path = db_path(args)
     conn = _existing_db(args)
     try:
-        record = status.store.get_experiment(conn, experiment_id)
+        record = store.get_experiment(conn, experiment_id)
         if record is None:
             raise RefusedError(f"no experiment {experiment_id} in {path}")
         if record.status == "completed":

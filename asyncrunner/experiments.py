@@ -56,9 +56,10 @@ def mark_running(conn: sqlite3.Connection, experiment_id: str) -> None:
     )
 
 
-def require_resumable(conn: sqlite3.Connection, experiment_id: str, *, lock_held: bool,
+def require_resumable(conn: sqlite3.Connection, experiment_id: str, *,
                       force: bool = False, retry_errors_only: bool = False) -> ExperimentRecord:
     """The experiment, if the contract lets it be resumed now; otherwise refuse (exit 3).
+    The caller already holds the experiment lock, so a live second process was refused there.
 
     A completed experiment is refused, except to retry its error rows: a run finishes
     with its failed narratives recorded, and retrying them is what RETRY_ERRORS_ONLY is for.
@@ -83,8 +84,6 @@ def require_resumable(conn: sqlite3.Connection, experiment_id: str, *, lock_held
         raise RefusedError(
             f"experiment {experiment_id} was cancelled; resume it with --force if you mean to"
         )
-    if lock_held:
-        raise RefusedError(f"experiment {experiment_id} is being run by a live process")
     if record.status not in RESUMABLE + ("cancelled",):
         raise RefusedError(f"experiment {experiment_id} has unknown status {record.status!r}")
     return record

@@ -162,7 +162,7 @@ def _resume(req: RunRequest, out: IO[str],
     try:
         with ExperimentLock(req.db_path, experiment_id) as lock:
             record = experiments.require_resumable(
-                conn, experiment_id, lock_held=False, force=req.force,
+                conn, experiment_id, force=req.force,
                 retry_errors_only=req.retry_errors_only)
             cfg, drift = _resume_config(req, record)
             _check_data_unchanged(record)
