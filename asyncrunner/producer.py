@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
 from anyio.abc import ObjectSendStream
 
 from .messages import Narrative
-from .schema import BUSY_TIMEOUT_MS
+from .schema import open_async
 
 PAGE_SIZE = 256
 
@@ -49,7 +48,7 @@ async def produce(db_path: str | Path, selection: WorkSelection,
         "checksum": selection.checksum, "cutoff": selection.cutoff,
         "experiment_id": selection.experiment_id, "limit": page_size, "after": -1,
     }
-    async with send, aiosqlite.connect(str(db_path), timeout=BUSY_TIMEOUT_MS / 1000) as db:
+    async with send, open_async(db_path) as db:
         await db.execute("PRAGMA query_only = 1")
         while True:
             async with db.execute(sql, params) as cursor:

@@ -11,8 +11,12 @@ which the unique index cannot admit: the newest of each duplicate set is kept).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import aiosqlite
+import anyio
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -213,6 +217,23 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
             raise
         applied.append(step.__name__.lstrip("_"))
     return applied
+
+
+@asynccontextmanager
+async def open_async(path: str | Path) -> AsyncIterator[aiosqlite.Connection]:
+    """An aiosqlite connection (autocommit) whose close survives cancellation.
+
+    aiosqlite runs the connection in a thread; if closing is cancelled with the task group
+    (a failed or stopped run), that thread outlives the event loop and dies with a
+    traceback when it tries to hand back its last result. So the close is shielded.
+    """
+    db = await aiosqlite.connect(str(path), isolation_level=None,
+                                 timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        yield db
+    finally:
+        with anyio.CancelScope(shield=True):
+            await db.close()
 
 
 def connect(path: str | Path, *, migrate_schema: bool = True) -> sqlite3.Connection:

@@ -24,7 +24,7 @@ from anyio.abc import ObjectReceiveStream
 from .clock import LOCAL_FORMAT, local_now
 from .messages import Result
 from .progress import RateWindow, Snapshot, eta_from
-from .schema import BUSY_TIMEOUT_MS
+from .schema import open_async
 
 log = structlog.get_logger("asyncrunner.writer")
 
@@ -109,8 +109,7 @@ class ResultWriter:
         self.last: Snapshot | None = None
 
     async def run(self, results: ObjectReceiveStream[Result]) -> None:
-        async with aiosqlite.connect(self.db_path, isolation_level=None,
-                                     timeout=BUSY_TIMEOUT_MS / 1000) as db:
+        async with open_async(self.db_path) as db:
             await db.execute("PRAGMA synchronous = NORMAL")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._collect, results)
