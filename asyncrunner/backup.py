@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 from .errors import RefusedError
@@ -56,15 +57,15 @@ def make_backup(db_path: Path, *, keep: int = KEEP) -> Path:
         target = db_path.with_name(f"{db_path.name}.resume_backup_{stamp}_{n}")
         n += 1
     partial = target.with_name(target.name + ".partial")
-    src = sqlite3.connect(str(db_path))
     try:
-        dst = sqlite3.connect(str(partial))
-        try:
+        with closing(sqlite3.connect(str(db_path))) as src, \
+                closing(sqlite3.connect(str(partial))) as dst:
             src.backup(dst)
-        finally:
-            dst.close()
-    finally:
-        src.close()
+    except BaseException:
+        # A half-written copy (disk full, interrupted) is no backup, and prune() never
+        # sees `.partial` files: remove it here or it stays forever.
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     prune(db_path, keep=keep)
     return target

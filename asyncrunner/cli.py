@@ -17,23 +17,34 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from . import __version__, experiments, logs, status, store
+from . import __version__, experiments, logs, refusals, status, store
 from .config import DEFAULT_DB
-from .errors import AsyncRunnerError, RefusedError, Stopped, UsageError
+from .errors import AsyncRunnerError, Stopped, UsageError
 from .ids import require_uuid
-from .locks import ExperimentLock
-from .schema import connect, migrate
+from .schema import connect, connect_existing, connect_readonly, migrate_existing
 
 
 def db_path(args: argparse.Namespace) -> Path:
     return Path(args.db or os.environ.get("EXPERIMENTS_DB") or DEFAULT_DB)
 
 
+# Commands that only read. They open the database read-only, so they never create,
+# migrate or write it: an operator may point them at a backup, a copy on a read-only
+# share, or a database a newer or older asyncrunner is still using.
+READ_ONLY_COMMANDS = frozenset({"status", "export", "report", "compare"})
+
+
 def _existing_db(args: argparse.Namespace) -> sqlite3.Connection:
+    """The database of a command that needs one to exist (never created here).
+
+    Read-only commands get a read-only connection that refuses an old schema; the others
+    (cancel writes, `resume --latest` is about to run, which migrates anyway) get a
+    writable one, migrated.
+    """
     path = db_path(args)
-    if not path.exists():
-        raise UsageError(f"database not found: {path} (set --db or EXPERIMENTS_DB)")
-    return connect(path)
+    if getattr(args, "command", None) in READ_ONLY_COMMANDS:
+        return connect_readonly(path)
+    return connect_existing(path)
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,8 +86,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         finally:
             conn.close()
         if record is None:
-            raise RefusedError("no resumable experiment (running with a dead lock, "
-                               "interrupted or failed) in this database")
+            raise refusals.no_resumable()
         print(f"latest resumable: {record.experiment_id} '{record.experiment_name}' "
               f"status {record.status}, {record.n_narratives_completed or 0}/"
               f"{record.n_narratives_total or 0} done, started {record.start_time}")
@@ -100,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.experiment_id:
                 info = status.collect(conn, path, args.experiment_id)
                 if info is None:
-                    raise RefusedError(f"no experiment {args.experiment_id} in {path}")
+                    raise refusals.no_experiment(args.experiment_id, path)
                 text = json.dumps(info, indent=2) if args.json else status.render_detail(info)
             else:
                 rows = status.list_rows(conn)
@@ -123,7 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     conn = _existing_db(args)
     try:
         if store.get_experiment(conn, experiment_id) is None:
-            raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
+            raise refusals.no_experiment(experiment_id, db_path(args))
         out = Path(args.out) if args.out else Path(f"{experiment_id}.{args.format}")
         written = export(conn, experiment_id, args.format, out)
     finally:
@@ -140,7 +150,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         record = store.get_experiment(conn, experiment_id)
         if record is None:
-            raise RefusedError(f"no experiment {experiment_id} in {db_path(args)}")
+            raise refusals.no_experiment(experiment_id, db_path(args))
         output_dir = Path(record.config.get("run", {}).get("output_dir") or ".")
         out = Path(args.out) if args.out else default_report_path(output_dir, experiment_id)
         written = write_report(conn, experiment_id, out)
@@ -168,13 +178,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     path = db_path(args)
     conn = _existing_db(args)
     try:
-        record = store.get_experiment(conn, experiment_id)
-        if record is None:
-            raise RefusedError(f"no experiment {experiment_id} in {path}")
-        if record.status == "completed":
-            raise RefusedError(f"experiment {experiment_id} is completed; nothing to cancel")
-        with ExperimentLock(path, experiment_id):
-            experiments.set_status(conn, experiment_id, "cancelled", "cancelled by operator")
+        experiments.cancel(conn, path, experiment_id)
     finally:
         conn.close()
     print(f"experiment {experiment_id} cancelled (resume it later with --force)")
@@ -183,13 +187,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     path = db_path(args)
-    if not path.exists():
-        raise UsageError(f"database not found: {path}")
-    conn = connect(path, migrate_schema=False)
-    try:
-        applied = migrate(conn)
-    finally:
-        conn.close()
+    applied = migrate_existing(path)
     print(f"migrated {path}: " + (", ".join(applied) if applied else "already up to date"))
     return 0
 
@@ -208,13 +206,13 @@ MOCK_FAULT_FLAGS = {
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
-    from .mockserver import serve_forever
+    from .sim import serve_forever
 
     faults = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
               for flag in MOCK_FAULT_FLAGS}
     serve_forever(args.port, args.latency_ms, args.error_rate, **faults,
                   retry_after_s=None if args.retry_after_s < 0 else args.retry_after_s,
-                  max_concurrent=args.max_concurrent, seed=args.seed,
+                  max_concurrent=args.max_concurrent, capacity=args.capacity, seed=args.seed,
                   latency_jitter_ms=args.latency_jitter_ms)
     return 0
 
@@ -316,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Retry-After sent with 429/overload answers; negative: no header")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="answer 429 beyond this many requests in flight")
+    p.add_argument("--capacity", type=_positive_int, default=None,
+                   help="serve at most this many requests at once and queue the rest "
+                        "(throughput = capacity / latency)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     p.set_defaults(func=cmd_mock_server)
     return parser

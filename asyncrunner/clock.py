@@ -3,7 +3,7 @@ experiments table (start, end, progress, ETA), UTC ISO-8601 for per-result times
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 LOCAL_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -13,7 +13,7 @@ def local_now() -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_local(text: str | None) -> datetime | None:

@@ -145,15 +145,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif origin is dict:
-        if isinstance(value, Mapping):
-            key_t, val_t = typing.get_args(tp) or (str, Any)
-            if val_t is str:
-                for k, v in value.items():
-                    if not isinstance(v, (str, int)) or isinstance(v, bool):
-                        raise ConfigError(f"config key '{key}.{k}' must be text")
-                return {str(k): str(v) for k, v in value.items()}
-            return dict(value)
+    elif origin is dict and isinstance(value, Mapping):
+        _, val_t = typing.get_args(tp) or (str, Any)
+        if val_t is str:
+            for k, v in value.items():
+                if not isinstance(v, (str, int)) or isinstance(v, bool):
+                    raise ConfigError(f"config key '{key}.{k}' must be text")
+            return {str(k): str(v) for k, v in value.items()}
+        return dict(value)
     raise ConfigError(
         f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
     )
@@ -230,7 +229,8 @@ def _validate(cfg: Config) -> None:
     if r.retry_backoff_s < 0:
         raise ConfigError("config key 'run.retry_backoff_s' must not be negative")
     if r.commit_interval_s <= 0 or r.grace_period_s < 0:
-        raise ConfigError("config keys 'run.commit_interval_s'/'run.grace_period_s' must be positive")
+        raise ConfigError(
+            "config keys 'run.commit_interval_s'/'run.grace_period_s' must be positive")
     for key, limit in (("run.requests_per_minute", r.requests_per_minute),
                        ("run.tokens_per_minute", r.tokens_per_minute)):
         if limit is not None and limit <= 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from . import refusals
 from .errors import RefusedError
 from .ids import require_uuid
 
@@ -38,10 +39,22 @@ def _process_start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def parse_holder(text: str | bytes) -> dict[str, Any] | None:
+    """Who a lock file names: our JSON record, or a bare PID as the R version wrote it;
+    anything else (garbage, another program's format) names nobody."""
+    try:
+        data = json.loads(text or "null")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, int) and not isinstance(data, bool):
+        return {"pid": data}
+    return data if isinstance(data, dict) else None
+
+
 def read_holder(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text() or "null")
-    except (OSError, ValueError):
+        return parse_holder(path.read_bytes())
+    except OSError:
         return None
 
 
@@ -102,11 +115,8 @@ class ExperimentLock:
             except BlockingIOError:
                 os.close(fd)
                 holder = read_holder(self.path) or {}
-                raise RefusedError(
-                    f"experiment {self.experiment_id} is locked by running process "
-                    f"PID {holder.get('pid', '?')} (lock file {self.path}); wait for it "
-                    "to finish or stop it first"
-                ) from None
+                raise refusals.locked(self.experiment_id, holder.get("pid", "?"),
+                                      self.path) from None
             if self._same_file(fd):
                 self._fd = fd
                 self._record_holder(fd)
@@ -123,10 +133,7 @@ class ExperimentLock:
     def _record_holder(self, fd: int) -> None:
         previous = os.read(fd, 4096)
         if previous.strip():
-            try:
-                self.stale_holder = json.loads(previous)
-            except ValueError:
-                self.stale_holder = {"pid": None}
+            self.stale_holder = parse_holder(previous) or {"pid": None}
         pid = os.getpid()
         info = {
             "pid": pid,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ERROR_CATEGORIES = ("api_error", "rate_limit", "timeout", "parse_error", "data_error", "unknown")
+from .vocab import ErrorCategory
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Result:
     confidence: float | None = None
     indicators: str | None = None  # JSON array text
     rationale: str | None = None
-    error_category: str | None = None
+    error_category: ErrorCategory | None = None
     error_message: str | None = None
 
     @property

@@ -33,7 +33,9 @@ class Snapshot:
 
     @property
     def tokens_per_s(self) -> float:
-        return (self.prompt_tokens + self.completion_tokens) / self.elapsed_s if self.elapsed_s else 0.0
+        if not self.elapsed_s:
+            return 0.0
+        return (self.prompt_tokens + self.completion_tokens) / self.elapsed_s
 
 
 class RateWindow:

@@ -1,10 +1,17 @@
 """`asyncrunner report`: one self-contained HTML file describing an experiment.
 
+This module owns the report: what it shows, its charts and writing the file. Its figures
+(confusion matrix, metrics table, error count) are metrics.py's `MetricsReport`.
+
 The file must open anywhere, offline and years later, so everything is inline: CSS in a
 <style> element and every chart a base64 PNG in a data: URI (no CDN, no web fonts, no
 JavaScript). Charts are drawn with matplotlib's Agg renderer on `Figure` objects that pyplot
 never sees, so nothing opens a window, no global backend is switched and no figure outlives
 its function.
+
+matplotlib is optional (`asyncrunner[report]`, ~117 MB): it is imported only by the
+functions that draw, and `render_html` checks for it first, so without it the report fails
+in one line (UsageError) and every other command, this module's import included, works.
 
 What the report never contains: narrative text (it is not even selected — results rows carry
 only ids, labels and the model's answer) and any secret (the stored config names the API key
@@ -26,18 +33,17 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from . import store
-from .errors import RefusedError
-from .finalize import confusion, metrics_report
+from .errors import RefusedError, UsageError
+from .metrics import Confusion, Interval, MetricsReport, metrics_report
+from .vocab import Status
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 N_CALIBRATION_BINS = 10
 N_DISAGREEMENTS = 20
@@ -46,6 +52,8 @@ FIG_DPI = 100
 
 POSITIVE_COLOUR = "#c0392b"
 NEGATIVE_COLOUR = "#2471a3"
+
+MATPLOTLIB_MISSING = "the HTML report needs matplotlib: pip install 'asyncrunner[report]'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,7 @@ def parse_utc(text: str | None) -> datetime | None:
         when = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 def load_points(conn: sqlite3.Connection, experiment_id: str) -> list[ResultPoint]:
@@ -153,7 +161,7 @@ def calibration_bins(points: Iterable[ResultPoint],
 
 def per_minute(times: Iterable[datetime]) -> list[tuple[datetime, int]]:
     """Results per UTC minute, for the minutes that have any (gaps are zero by omission)."""
-    counts = Counter(t.astimezone(timezone.utc).replace(second=0, microsecond=0)
+    counts = Counter(t.astimezone(UTC).replace(second=0, microsecond=0)
                      for t in times)
     return sorted(counts.items())
 
@@ -167,7 +175,18 @@ def rolling_median(values: Sequence[float], window: int = LATENCY_WINDOW) -> lis
 # --------------------------------------------------------------------------- charts
 
 
+def require_matplotlib() -> None:
+    """Raise UsageError (one line, exit 2) when the optional charting extra is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(MATPLOTLIB_MISSING) from None
+
+
 def _figure(width: float = 6.4, height: float = 3.6) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=FIG_DPI, layout="constrained")
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: no pyplot, no GUI backend
     return fig
@@ -206,6 +225,8 @@ def chart_confusion(tp: int, fp: int, tn: int, fn: int) -> str:
 
 
 def chart_confidence(points: Sequence[ResultPoint]) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     pos = [p.confidence for p in points
            if p.scored and p.confidence is not None and p.manual_flag_ind == 1]
     neg = [p.confidence for p in points
@@ -241,6 +262,9 @@ def chart_calibration(bins: Sequence[CalibrationBin]) -> str:
 
 
 def chart_timeline(points: Sequence[ResultPoint]) -> str:
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.ticker import MaxNLocator
+
     timed = [p for p in points if p.processed_at is not None]
     minutes = per_minute(p.processed_at for p in timed if p.processed_at)
     lat = [p for p in timed if p.response_sec is not None]
@@ -260,13 +284,17 @@ def chart_timeline(points: Sequence[ResultPoint]) -> str:
     ax_lat.set_ylabel("latency (s)")
     ax_lat.set_xlabel("processed at (UTC)")
     # Concise labels (time, date once) stay readable from a minute-long to a days-long run.
-    locator = AutoDateLocator(tz=timezone.utc)
+    # matplotlib leaves these two constructors unannotated.
+    locator = AutoDateLocator(tz=UTC)  # type: ignore[no-untyped-call]
     ax_lat.xaxis.set_major_locator(locator)
-    ax_lat.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=timezone.utc))
+    ax_lat.xaxis.set_major_formatter(
+        ConciseDateFormatter(locator, tz=UTC))  # type: ignore[no-untyped-call]
     return _png_img(fig, "Throughput and latency over time")
 
 
 def chart_errors(counts: dict[str, int]) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(5.6, max(2.0, 0.8 + 0.4 * len(counts)))
     ax = fig.add_subplot()
     names = list(counts)
@@ -289,9 +317,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
-def _with_ci(entry: dict[str, Any], key: str) -> str:
-    ci = (entry.get("intervals") or {}).get(key)
-    value = entry.get(key)
+def _with_ci(value: float | None, ci: Interval | None) -> str:
     if value is None:
         return "-"
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
@@ -314,8 +340,8 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def section_summary(record: store.ExperimentRecord, points: Sequence[ResultPoint]) -> str:
-    n_errors = sum(1 for p in points if p.error_occurred)
+def section_summary(record: store.ExperimentRecord, points: Sequence[ResultPoint],
+                    scored: MetricsReport) -> str:
     rows = [
         ("Name", record.experiment_name), ("Experiment id", record.experiment_id),
         ("Status", record.status), ("Model", record.model_name),
@@ -324,24 +350,23 @@ def section_summary(record: store.ExperimentRecord, points: Sequence[ResultPoint
         ("Data checksum", record.data_checksum), ("Started", record.start_time),
         ("Ended", record.end_time),
         ("Narratives done / total", f"{len(points)} / {record.n_narratives_total or 0}"),
-        ("Error rows", n_errors),
+        ("Error rows", scored.unscored.errors),
     ]
     if record.failure_reason:
         rows.append(("Failure reason", record.failure_reason))
     parts = [_table(("Setting", "Value"), rows, cls="kv")]
-    if record.status == "running":
+    if record.status == Status.RUNNING:
         parts.append(_note("This experiment is still running: the figures below cover the "
                            "results committed when the report was written."))
     return _section("summary", "Experiment", *parts)
 
 
-def section_confusion(conn: sqlite3.Connection, experiment_id: str) -> str:
-    m = confusion(conn, experiment_id)
+def section_confusion(m: Confusion) -> str:
     table = (
         '<table class="confusion"><caption>Confusion matrix</caption>'
         '<thead><tr><th></th><th>manual label 1</th><th>manual label 0</th></tr></thead>'
-        f'<tbody><tr><th>detected 1</th><td>TP {m.n_tp}</td><td>FP {m.n_fp}</td></tr>'
-        f'<tr><th>detected 0</th><td>FN {m.n_fn}</td><td>TN {m.n_tn}</td></tr></tbody>'
+        f'<tbody><tr><th>detected 1</th><td>TP {m.tp}</td><td>FP {m.fp}</td></tr>'
+        f'<tr><th>detected 0</th><td>FN {m.fn}</td><td>TN {m.tn}</td></tr></tbody>'
         '</table>'
     )
     if m.n == 0:
@@ -350,22 +375,21 @@ def section_confusion(conn: sqlite3.Connection, experiment_id: str) -> str:
     return _section("confusion", "Confusion matrix", table,
                     _note("Predicted (rows) vs manual label (columns), over results with a "
                           "manual label and no error."),
-                    chart_confusion(m.n_tp, m.n_fp, m.n_tn, m.n_fn))
+                    chart_confusion(m.tp, m.fp, m.tn, m.fn))
 
 
-def section_metrics(conn: sqlite3.Connection, experiment_id: str) -> str:
-    report = metrics_report(conn, experiment_id)
-    unscored = report.pop("unscored", {})
+def section_metrics(scored: MetricsReport) -> str:
     headers = ("Set", "n", "TP", "FP", "TN", "FN", "Precision [95% CI]", "Recall [95% CI]",
                "F1", "Accuracy [95% CI]")
-    rows = [(key, m["n"], m["n_tp"], m["n_fp"], m["n_tn"], m["n_fn"],
-             _with_ci(m, "precision"), _with_ci(m, "recall"), _fmt(m["f1"]),
-             _with_ci(m, "accuracy")) for key, m in report.items()]
+    rows = [(key, m.n, m.tp, m.fp, m.tn, m.fn,
+             _with_ci(m.precision, m.precision_interval),
+             _with_ci(m.recall, m.recall_interval), _fmt(m.f1),
+             _with_ci(m.accuracy, m.accuracy_interval)) for key, m in scored.rows()]
     return _section(
         "metrics", "Metrics by narrative type",
         _table(headers, rows, caption="Metrics (Wilson 95% intervals)", cls="metrics"),
-        _note(f"Not scored: {unscored.get('errors', 0)} error rows, "
-              f"{unscored.get('unlabelled', 0)} results without a manual label."))
+        _note(f"Not scored: {scored.unscored.errors} error rows, "
+              f"{scored.unscored.unlabelled} results without a manual label."))
 
 
 def section_confidence(points: Sequence[ResultPoint]) -> str:
@@ -445,12 +469,14 @@ table.disagreements td:last-child{max-width:40em}
 
 
 def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
+    require_matplotlib()  # before any work, so a missing extra fails fast and alone
     eid = record.experiment_id
     points = load_points(conn, eid)
+    scored = metrics_report(conn, eid)
     sections: list[Callable[[], str]] = [
-        lambda: section_summary(record, points),
-        lambda: section_confusion(conn, eid),
-        lambda: section_metrics(conn, eid),
+        lambda: section_summary(record, points, scored),
+        lambda: section_confusion(scored.overall),
+        lambda: section_metrics(scored),
         lambda: section_confidence(points),
         lambda: section_calibration(points),
         lambda: section_timeline(points),
@@ -458,7 +484,7 @@ def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str
         lambda: section_disagreements(conn, eid),
     ]
     title = f"asyncrunner report: {record.experiment_name or eid}"
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -490,7 +516,8 @@ def default_report_path(output_dir: Path, experiment_id: str) -> Path:
 
 
 def write_report(conn: sqlite3.Connection, experiment_id: str, out: Path) -> Path:
-    """Write the HTML report of one experiment to `out` (atomically); return the path."""
+    """Write the HTML report of one experiment to `out` (atomically); return the path.
+    UsageError when matplotlib is not installed, RefusedError for an unknown experiment."""
     record = store.get_experiment(conn, experiment_id)
     if record is None:
         raise RefusedError(f"no experiment {experiment_id} in this database")

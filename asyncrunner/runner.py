@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 import structlog
 
-from .client import ClientSettings, LLMClient, make_http_client
+from .client import ClientSettings, HttpSender, LLMClient
 from .messages import Narrative, Result
 from .producer import WorkSelection, produce
 from .progress import Snapshot
@@ -39,7 +37,9 @@ log = structlog.get_logger("asyncrunner.runner")
 
 @dataclass(frozen=True, slots=True)
 class PipelineSpec:
-    db_path: Path
+    """Everything the pipeline needs besides its resources (database path, HTTP client)."""
+
+    db_path: str
     selection: WorkSelection
     writer: WriterSettings
     client: ClientSettings
@@ -48,19 +48,17 @@ class PipelineSpec:
     grace_s: float = 30.0
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
-    mock_server: bool = False
-    mock_latency_ms: float = 0.0
+    handle_signals: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineOutcome:
     stopped_by: int | None          # signal number, or None when the work ran out
     last: Snapshot | None
-    api_url: str
 
 
-class _Stop:
-    """The two-stage stop, driven by signals (or by tests calling request())."""
+class StopControl:
+    """The two-stage stop, driven by signals, or by whoever holds it calling request()."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
@@ -84,10 +82,10 @@ class _Stop:
             self.work_scope.cancel()
 
     async def watch(self) -> None:
-        with self.watch_scope:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    self.request(signum)
+        with self.watch_scope, anyio.open_signal_receiver(signal.SIGINT,
+                                                          signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.request(signum)
 
     async def grace_timer(self) -> None:
         """After the first signal, give in-flight requests `grace_s`, then cancel them."""
@@ -101,54 +99,40 @@ class _Stop:
         self.grace_scope.cancel()
 
 
-async def run_pipeline(spec: PipelineSpec,
+async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                        on_commit: Callable[[Snapshot], None] | None = None,
-                       on_start: Callable[[str], None] | None = None) -> PipelineOutcome:
-    stop = _Stop(spec.grace_s)
+                       stop: StopControl | None = None) -> PipelineOutcome:
+    """Classify the selection's narratives through `http` (owned and closed by the caller)
+    and commit every result; return how it ended. `stop` lets the caller stop it too."""
+    stop = stop or StopControl(spec.grace_s)
     limiter = AdaptiveLimiter(spec.workers, requests_per_minute=spec.requests_per_minute)
-    client_settings = spec.client
-    async with AsyncExitStack() as stack:
-        if spec.mock_server:
-            from .mockserver import MockServer
-
-            server = await stack.enter_async_context(
-                MockServer(latency_ms=spec.mock_latency_ms, model=spec.client.model))
-            client_settings = _with_url(client_settings, server.url)
-        if on_start:
-            on_start(client_settings.api_url)
-        http = await stack.enter_async_context(
-            make_http_client(spec.workers, client_settings.timeout_s))
-        budget = (TokenBudget(spec.tokens_per_minute, client_settings.max_tokens)
-                  if spec.tokens_per_minute else None)
-        client = LLMClient(client_settings, http, limiter, budget=budget)
-        writer = ResultWriter(spec.db_path, spec.writer, on_commit=on_commit,
-                              concurrency=lambda: limiter.stats().limit)
-        narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)
-        results_send, results_recv = anyio.create_memory_object_stream[Result](
-            max(2 * spec.writer.batch_size, 2 * spec.workers))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer.run, results_recv)
+    budget = (TokenBudget(spec.tokens_per_minute, spec.client.max_tokens)
+              if spec.tokens_per_minute else None)
+    client = LLMClient(spec.client, http, limiter, budget=budget)
+    writer = ResultWriter(spec.db_path, spec.writer, on_commit=on_commit,
+                          concurrency=lambda: limiter.stats().limit)
+    narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)
+    results_send, results_recv = anyio.create_memory_object_stream[Result](
+        max(2 * spec.writer.batch_size, 2 * spec.workers))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run, results_recv)
+        if spec.handle_signals:
             tg.start_soon(stop.watch)
-            async with anyio.create_task_group() as work:
-                stop.work_scope = work.cancel_scope
-                work.start_soon(_produce, spec, narratives_send, stop, tg)
-                async with narratives_recv, results_send:
-                    for _ in range(spec.workers):
-                        work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
-                                        results_send.clone())
-            stop.finished()
-    return PipelineOutcome(stopped_by=stop.signum, last=writer.last,
-                           api_url=client_settings.api_url)
+        async with anyio.create_task_group() as work:
+            stop.work_scope = work.cancel_scope
+            work.start_soon(_produce, spec, narratives_send, stop, tg)
+            async with narratives_recv, results_send:
+                for _ in range(spec.workers):
+                    work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
+                                    results_send.clone())
+        stop.finished()
+    return PipelineOutcome(stopped_by=stop.signum, last=writer.last)
 
 
 async def _produce(spec: PipelineSpec, send: anyio.abc.ObjectSendStream[Narrative],
-                   stop: _Stop, outer: anyio.abc.TaskGroup) -> None:
+                   stop: StopControl, outer: anyio.abc.TaskGroup) -> None:
     # produce() closes `send` however it ends, which is what lets idle workers leave.
     with stop.producer_scope:
         await produce(spec.db_path, spec.selection, send)
     if stop.signum is not None:
         outer.start_soon(stop.grace_timer)
-
-
-def _with_url(settings: ClientSettings, url: str) -> ClientSettings:
-    return replace(settings, api_url=url)

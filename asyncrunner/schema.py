@@ -1,26 +1,43 @@
-"""The database schema: DDL, pragmas and versioned, append-only migrations.
+"""The database schema: frozen migrations, pragmas, and the ways to open a database.
 
 `PRAGMA user_version` records how many migrations a database has had. Each migration is a
-named function that says why it exists; it runs in the same transaction as the bump of
+named function holding its own literal SQL as of the day it was written, so "migration 2"
+means the same thing forever; it runs in the same transaction as the bump of
 `user_version`, so a crash leaves either the old or the new version, never half of one.
-Databases written by the earlier R version have the three tables but `user_version = 0`;
-the migrations below bring them forward without losing a row (except duplicate results,
-which the unique index cannot admit: the newest of each duplicate set is kept).
+A new column or index is a new migration appended to `MIGRATIONS` (and a line in `TABLES`,
+which describes the current schema for tests and readers; no migration reads it).
+
+Databases written by the earlier R version have the three contract tables but
+`user_version = 0`; the migrations bring them forward without losing a row (except
+duplicate results, which the unique index cannot admit: the newest of each set is kept).
+
+Four ways in: `connect` (create if missing, migrate: `run`), `connect_existing` (an
+existing asyncrunner database, migrated: `cancel`, `resume --latest`), `migrate_existing`
+(`asyncrunner migrate`) and `connect_readonly` (never creates, migrates or writes:
+`status`, `export`, `report`, `compare`).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
 import aiosqlite
 import anyio
 
+from .errors import RunFailed, UsageError
+
 BUSY_TIMEOUT_MS = 30_000
 
-# Columns every current database has, by table. Migration 2 adds whichever a legacy one lacks.
+# The tables of the contract; a database without them is not one of ours.
+CONTRACT_TABLES = ("source_narratives", "experiments", "narrative_results")
+
+# ---------------------------------------------------------------------------------------
+# The current schema, for tests and documentation. Migrations never read it: a column
+# added here needs a migration that adds it too (tests/test_schema.py checks they agree).
+
 SOURCE_COLUMNS: dict[str, str] = {
     "narrative_id": "INTEGER PRIMARY KEY",
     "incident_id": "TEXT NOT NULL",
@@ -111,10 +128,165 @@ TABLES: dict[str, dict[str, str]] = {
     "ingests": INGEST_COLUMNS,
 }
 
+# ---------------------------------------------------------------------------------------
+# Migrations. Frozen: never edit one that has shipped; append a new one instead.
 
-def _create_table_sql(table: str, columns: dict[str, str]) -> str:
-    body = ",\n  ".join(f"{name} {decl}" for name, decl in columns.items())
-    return f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}\n)"
+# Version 1. The text is kept byte for byte as the first releases generated it, so
+# `sqlite_master` of a database created today equals that of one created back then.
+_M1_CREATE_TABLES = (
+    """CREATE TABLE IF NOT EXISTS source_narratives (
+  narrative_id INTEGER PRIMARY KEY,
+  incident_id TEXT NOT NULL,
+  narrative_type TEXT NOT NULL,
+  narrative_text TEXT,
+  manual_flag_ind INTEGER,
+  manual_flag INTEGER,
+  data_source TEXT,
+  data_checksum TEXT,
+  loaded_at TEXT
+)""",
+    """CREATE TABLE IF NOT EXISTS experiments (
+  experiment_id TEXT PRIMARY KEY,
+  experiment_name TEXT,
+  status TEXT,
+  model_name TEXT,
+  model_provider TEXT,
+  temperature REAL,
+  api_url TEXT,
+  system_prompt TEXT,
+  user_template TEXT,
+  prompt_version TEXT,
+  run_seed INTEGER,
+  data_file TEXT,
+  data_checksum TEXT,
+  max_narratives INTEGER,
+  n_narratives_total INTEGER,
+  n_narratives_processed INTEGER DEFAULT 0,
+  n_narratives_completed INTEGER DEFAULT 0,
+  last_progress_update TEXT,
+  estimated_completion_time TEXT,
+  start_time TEXT,
+  end_time TEXT,
+  log_dir TEXT,
+  n_tp INTEGER,
+  n_fp INTEGER,
+  n_tn INTEGER,
+  n_fn INTEGER,
+  precision REAL,
+  recall REAL,
+  f1 REAL,
+  accuracy REAL,
+  metrics_json TEXT,
+  config_json TEXT,
+  failure_reason TEXT
+)""",
+    """CREATE TABLE IF NOT EXISTS narrative_results (
+  result_id INTEGER PRIMARY KEY AUTOINCREMENT,
+  experiment_id TEXT NOT NULL,
+  incident_id TEXT NOT NULL,
+  narrative_type TEXT NOT NULL,
+  detected INTEGER,
+  confidence REAL,
+  indicators TEXT,
+  rationale TEXT,
+  raw_response TEXT,
+  response_sec REAL,
+  prompt_tokens INTEGER,
+  completion_tokens INTEGER,
+  error_occurred INTEGER NOT NULL DEFAULT 0,
+  error_message TEXT,
+  error_category TEXT,
+  attempt_count INTEGER DEFAULT 1,
+  first_error_message TEXT,
+  last_attempt_at TEXT,
+  processed_at TEXT,
+  manual_flag_ind INTEGER,
+  manual_flag INTEGER
+)""",
+    """CREATE TABLE IF NOT EXISTS ingests (
+  data_checksum TEXT NOT NULL,
+  mapping_json TEXT NOT NULL,
+  data_source TEXT,
+  n_rows INTEGER,
+  n_narratives INTEGER,
+  n_blank INTEGER,
+  n_duplicates INTEGER,
+  loaded_at TEXT
+)""",
+)
+
+# Version 2: every non-key column of the three R tables as version 1 defines them, in the
+# form ALTER TABLE accepts (no PRIMARY KEY, no NOT NULL). R databases differ in which they
+# have: R's ensure_resume_columns() added data_checksum, the progress columns and the
+# attempt tracking only to databases it ran on. So each is added only where missing; on a
+# database that version 1 created, this adds nothing.
+_M2_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # source_narratives: R had all but data_checksum.
+    ("source_narratives", "incident_id", "TEXT"),
+    ("source_narratives", "narrative_type", "TEXT"),
+    ("source_narratives", "narrative_text", "TEXT"),
+    ("source_narratives", "manual_flag_ind", "INTEGER"),
+    ("source_narratives", "manual_flag", "INTEGER"),
+    ("source_narratives", "data_source", "TEXT"),
+    ("source_narratives", "data_checksum", "TEXT"),
+    ("source_narratives", "loaded_at", "TEXT"),
+    # experiments: R lacked data_checksum, max_narratives, the progress columns (unless
+    # ensure_resume_columns ran), metrics_json, config_json, failure_reason.
+    ("experiments", "experiment_name", "TEXT"),
+    ("experiments", "status", "TEXT"),
+    ("experiments", "model_name", "TEXT"),
+    ("experiments", "model_provider", "TEXT"),
+    ("experiments", "temperature", "REAL"),
+    ("experiments", "api_url", "TEXT"),
+    ("experiments", "system_prompt", "TEXT"),
+    ("experiments", "user_template", "TEXT"),
+    ("experiments", "prompt_version", "TEXT"),
+    ("experiments", "run_seed", "INTEGER"),
+    ("experiments", "data_file", "TEXT"),
+    ("experiments", "data_checksum", "TEXT"),
+    ("experiments", "max_narratives", "INTEGER"),
+    ("experiments", "n_narratives_total", "INTEGER"),
+    ("experiments", "n_narratives_processed", "INTEGER DEFAULT 0"),
+    ("experiments", "n_narratives_completed", "INTEGER DEFAULT 0"),
+    ("experiments", "last_progress_update", "TEXT"),
+    ("experiments", "estimated_completion_time", "TEXT"),
+    ("experiments", "start_time", "TEXT"),
+    ("experiments", "end_time", "TEXT"),
+    ("experiments", "log_dir", "TEXT"),
+    ("experiments", "n_tp", "INTEGER"),
+    ("experiments", "n_fp", "INTEGER"),
+    ("experiments", "n_tn", "INTEGER"),
+    ("experiments", "n_fn", "INTEGER"),
+    ("experiments", "precision", "REAL"),
+    ("experiments", "recall", "REAL"),
+    ("experiments", "f1", "REAL"),
+    ("experiments", "accuracy", "REAL"),
+    ("experiments", "metrics_json", "TEXT"),
+    ("experiments", "config_json", "TEXT"),
+    ("experiments", "failure_reason", "TEXT"),
+    # narrative_results: R lacked error_category and the attempt tracking (unless
+    # ensure_resume_columns ran).
+    ("narrative_results", "experiment_id", "TEXT"),
+    ("narrative_results", "incident_id", "TEXT"),
+    ("narrative_results", "narrative_type", "TEXT"),
+    ("narrative_results", "detected", "INTEGER"),
+    ("narrative_results", "confidence", "REAL"),
+    ("narrative_results", "indicators", "TEXT"),
+    ("narrative_results", "rationale", "TEXT"),
+    ("narrative_results", "raw_response", "TEXT"),
+    ("narrative_results", "response_sec", "REAL"),
+    ("narrative_results", "prompt_tokens", "INTEGER"),
+    ("narrative_results", "completion_tokens", "INTEGER"),
+    ("narrative_results", "error_occurred", "INTEGER DEFAULT 0"),
+    ("narrative_results", "error_message", "TEXT"),
+    ("narrative_results", "error_category", "TEXT"),
+    ("narrative_results", "attempt_count", "INTEGER DEFAULT 1"),
+    ("narrative_results", "first_error_message", "TEXT"),
+    ("narrative_results", "last_attempt_at", "TEXT"),
+    ("narrative_results", "processed_at", "TEXT"),
+    ("narrative_results", "manual_flag_ind", "INTEGER"),
+    ("narrative_results", "manual_flag", "INTEGER"),
+)
 
 
 def _existing_columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -123,20 +295,18 @@ def _existing_columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 def _m1_create_tables(conn: sqlite3.Connection) -> None:
     """The tables of the contract. IF NOT EXISTS, so an R-era database keeps its tables."""
-    for table, columns in TABLES.items():
-        conn.execute(_create_table_sql(table, columns))
+    for ddl in _M1_CREATE_TABLES:
+        conn.execute(ddl)
 
 
 def _m2_add_missing_columns(conn: sqlite3.Connection) -> None:
     """R-era databases lack the resume, progress and diagnostics columns; add them empty."""
-    for table, columns in TABLES.items():
-        have = _existing_columns(conn, table)
-        for name, decl in columns.items():
-            if name not in have:
-                # ALTER TABLE cannot add PRIMARY KEY / NOT NULL-without-default columns.
-                plain = decl.replace("PRIMARY KEY", "").replace("AUTOINCREMENT", "")
-                plain = plain.replace("NOT NULL DEFAULT", "DEFAULT").replace("NOT NULL", "")
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {plain.strip()}")
+    have: dict[str, set[str]] = {}
+    for table, column, decl in _M2_COLUMNS:
+        if table not in have:
+            have[table] = _existing_columns(conn, table)
+        if column not in have[table]:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     # Rows written before attempt tracking existed were one attempt each.
     conn.execute("UPDATE narrative_results SET attempt_count = 1 WHERE attempt_count IS NULL")
     conn.execute(
@@ -195,17 +365,17 @@ def configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
+def _newer_message(version: int) -> str:
+    return (f"database schema version {version} is newer than this asyncrunner "
+            f"understands ({SCHEMA_VERSION}); upgrade asyncrunner")
+
+
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply every pending migration; return the names of those applied."""
     applied: list[str] = []
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        from .errors import UsageError
-
-        raise UsageError(
-            f"database schema version {version} is newer than this asyncrunner "
-            f"understands ({SCHEMA_VERSION}); upgrade asyncrunner"
-        )
+        raise UsageError(_newer_message(version))
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -223,12 +393,14 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
 async def open_async(path: str | Path) -> AsyncIterator[aiosqlite.Connection]:
     """An aiosqlite connection (autocommit) whose close survives cancellation.
 
-    aiosqlite runs the connection in a thread; if closing is cancelled with the task group
-    (a failed or stopped run), that thread outlives the event loop and dies with a
-    traceback when it tries to hand back its last result. So the close is shielded.
+    aiosqlite runs the connection in a thread; if opening or closing is cancelled with the
+    task group (a failed or stopped run), that thread outlives the event loop and dies with
+    a traceback when it tries to hand back its result. So both are shielded (opening a
+    file is quick; a cancellation then arrives at the first await inside the block).
     """
-    db = await aiosqlite.connect(str(path), isolation_level=None,
-                                 timeout=BUSY_TIMEOUT_MS / 1000)
+    with anyio.CancelScope(shield=True):
+        db = await aiosqlite.connect(str(path), isolation_level=None,
+                                     timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         yield db
     finally:
@@ -237,13 +409,175 @@ async def open_async(path: str | Path) -> AsyncIterator[aiosqlite.Connection]:
 
 
 def connect(path: str | Path, *, migrate_schema: bool = True) -> sqlite3.Connection:
-    """A configured synchronous connection (autocommit; callers use explicit BEGIN)."""
+    """A configured synchronous connection (autocommit; callers use explicit BEGIN).
+
+    Creates the file (and its directory) when missing: this is how `run` starts a database.
+    """
     db = Path(path)
     if db.parent and not db.parent.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(db), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.row_factory = sqlite3.Row
-    configure(conn)
-    if migrate_schema:
-        migrate(conn)
+    try:
+        conn.row_factory = sqlite3.Row
+        configure(conn)
+        if migrate_schema:
+            migrate(conn)
+    except BaseException:
+        # The caller never receives it, so nobody else could close it.
+        conn.close()
+        raise
     return conn
+
+
+# ---------------------------------------------------------------------------------------
+# Opening a database that must already exist.
+
+
+def _not_found(db: Path) -> UsageError:
+    return UsageError(f"database not found: {db} (set --db or EXPERIMENTS_DB)")
+
+
+def _not_ours(db: Path) -> UsageError:
+    return UsageError(f"{db} is not an asyncrunner database")
+
+
+def _unreadable(db: Path, exc: sqlite3.Error) -> UsageError:
+    if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
+        return _not_ours(db)
+    return UsageError(f"cannot open database {db}: {exc}")
+
+
+def _uri(db: Path, query: str) -> str:
+    # as_uri() percent-encodes, so a path with '?', '#' or '%' in it stays one path.
+    return f"{db.resolve().as_uri()}?{query}"
+
+
+def _open_existing(db: Path, query: str) -> sqlite3.Connection:
+    """Open without ever creating the file (`mode=ro` or `mode=rw` in `query`) and probe
+    that it is SQLite. sqlite3.Error from either step reaches the caller to word."""
+    if not db.is_file():
+        raise _not_found(db) if not db.exists() else _not_ours(db)
+    conn = sqlite3.connect(_uri(db, query), uri=True, isolation_level=None,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.row_factory = sqlite3.Row
+        # The first read is where SQLite notices a file that is not a database.
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _is_ours(conn: sqlite3.Connection) -> bool:
+    return set(CONTRACT_TABLES) <= _tables(conn)
+
+
+def _open_readonly(db: Path) -> sqlite3.Connection:
+    try:
+        return _open_existing(db, "mode=ro")
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorname", None) not in (
+                "SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN"):
+            raise _unreadable(db, exc) from None
+        for suffix in ("-wal", "-journal"):
+            if db.with_name(db.name + suffix).exists():
+                raise UsageError(
+                    f"cannot read database {db}: SQLite needs to create files beside it "
+                    f"(it has a {suffix} file) and {db.parent} is not writable; run as a "
+                    "user who can write there") from None
+    # A WAL database in a directory we cannot write, with no -wal file: no writer has it
+    # open (a writer's -wal exists until the last connection closes; a crashed one's is
+    # left behind), so the main file holds every commit and can be read without locks.
+    # A writer starting during this short read is the one risk left; it could make this
+    # read fail or see a mid-checkpoint page, never harm the database.
+    try:
+        return _open_existing(db, "mode=ro&immutable=1")
+    except sqlite3.Error as exc:
+        raise _unreadable(db, exc) from None
+
+
+def connect_readonly(path: str | Path) -> sqlite3.Connection:
+    """A connection that cannot create, migrate or write: for status, export, report, compare.
+
+    Raises a one-line `UsageError` when the file is missing, is not an asyncrunner
+    database, or is at another schema version than this asyncrunner's. Reading a database
+    in WAL mode may leave the empty `-wal`/`-shm` files SQLite's readers need beside it;
+    the database file itself is never touched.
+    """
+    db = Path(path)
+    conn = _open_readonly(db)
+    try:
+        if not _is_ours(conn):
+            raise _not_ours(db)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            raise UsageError(
+                f"database {db} is at schema version {version}, this asyncrunner needs "
+                f"{SCHEMA_VERSION}: run `asyncrunner migrate`")
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"database {db} is at schema version {version}, newer than this "
+                f"asyncrunner understands ({SCHEMA_VERSION}): upgrade asyncrunner")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _unreadable(db, exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_writable(db: Path, *, allow_empty: bool) -> sqlite3.Connection:
+    """An existing asyncrunner database (or, if allowed, an empty one), configured."""
+    try:
+        conn = _open_existing(db, "mode=rw")
+    except sqlite3.Error as exc:
+        raise _unreadable(db, exc) from None
+    try:
+        tables = _tables(conn)
+        if not (set(CONTRACT_TABLES) <= tables or (allow_empty and not tables)):
+            raise _not_ours(db)
+        configure(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _unreadable(db, exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_existing(path: str | Path) -> sqlite3.Connection:
+    """An existing asyncrunner database, migrated, for commands that write (cancel) or are
+    about to resume a run (which migrates anyway). Never creates a file."""
+    db = Path(path)
+    conn = _open_writable(db, allow_empty=False)
+    try:
+        migrate(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise RunFailed(f"migrating {db} failed: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate_existing(path: str | Path) -> list[str]:
+    """`asyncrunner migrate`: bring an existing file to SCHEMA_VERSION; return the steps run.
+
+    An empty database (a 0-byte file, say) gets the current schema; a database holding
+    other tables than ours is refused, so nothing is added to someone else's file.
+    """
+    db = Path(path)
+    with closing(_open_writable(db, allow_empty=True)) as conn:
+        try:
+            return migrate(conn)
+        except sqlite3.Error as exc:
+            # Each step is its own transaction: the file is at the last completed version.
+            raise RunFailed(f"migrating {db} failed: {exc}") from None

@@ -1,92 +1,76 @@
-"""One session of an experiment: guards, set-up, the pipeline, and how it ends.
+"""One session of an experiment: plan it, then carry the plan out with one shared tail.
 
-    new:     ingest -> lock -> experiment record -> pipeline -> finalize
-    resume:  id check -> lock -> status/checksum guards -> backup -> pipeline -> finalize
+    draft (no database) -> lock -> plan (every guard) -> open the record -> pipeline -> end
 
-Every guard runs before anything is written. The lock is held from before the experiment
-record is created (or checked) until after its final status is written, and released on
-every exit path. Only here are statuses changed: `completed` after finalize,
-`interrupted` on a signal, `failed` with the reason on any unexpected error.
+The same tail serves a new experiment, a resume and a retry of error rows; only the plan
+differs. The session owns the experiment lock (held from before the plan is checked until
+after the final status is written, released on every exit path), the synchronous
+connection used outside the pipeline, the run log, and the HTTP client the pipeline uses
+(with the built-in simulator started here for `provider: mock`). It ends every session in
+one status: `completed` after finalize, `interrupted` on a signal, `failed` with the reason
+on any unexpected error.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack, closing, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 import anyio
+import httpx
 import structlog
 
 from . import backup, experiments, logs, store
-from .client import ClientSettings, normalize_api_url, redact_url
-from .config import Config, build_config, config_from_dict, env_flag, read_yaml, resolve_data_path
-from .errors import AsyncRunnerError, InputError, RefusedError, RunFailed, Stopped
+from .client import ClientSettings, make_http_client, normalize_api_url, redact_url
+from .config import Config
+from .errors import AsyncRunnerError, RunFailed, Stopped
 from .finalize import finalize
-from .ids import new_experiment_id, require_uuid
-from .ingest import file_checksum, ingest
 from .locks import ExperimentLock
-from .producer import WorkSelection
+from .plan import Intent, RunPlan, RunRequest, complete, draft, request_from_env
 from .progress import Snapshot
-from .runner import PipelineSpec, run_pipeline
+from .runner import PipelineOutcome, PipelineSpec, run_pipeline
 from .schema import connect
+from .vocab import Status
 from .workers import Prompt
 from .writer import WriterSettings
 
 log = structlog.get_logger("asyncrunner.session")
 
-
-@dataclass(frozen=True, slots=True)
-class RunRequest:
-    db_path: Path
-    config_path: str | None
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    resume: bool = False
-    experiment_id: str | None = None
-    retry_errors_only: bool = False
-    force: bool = False
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+__all__ = ["RunRequest", "RunSummary", "execute", "request_from_env"]
 
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     experiment_id: str
-    status: str
+    status: Status
     metrics: dict[str, Any] | None
     exports: dict[str, str]
 
 
-def request_from_env(db_path: Path, config_path: str | None, overrides: Mapping[str, Any], *,
-                     resume: bool, experiment_id: str | None, retry_errors_only: bool,
-                     force: bool, env: Mapping[str, str]) -> RunRequest:
-    """Flags win over RESUME / EXPERIMENT_ID / RETRY_ERRORS_ONLY from the environment."""
-    resume = resume or env_flag(env, "RESUME")
-    experiment_id = experiment_id or env.get("EXPERIMENT_ID") or None
-    retry = retry_errors_only or env_flag(env, "RETRY_ERRORS_ONLY")
-    return RunRequest(db_path=db_path, config_path=config_path, overrides=overrides,
-                      resume=resume, experiment_id=experiment_id, retry_errors_only=retry,
-                      force=force, env=env)
-
-
 def execute(req: RunRequest, out: IO[str] = sys.stdout,
-            on_commit: Callable[[Snapshot], None] | None = None) -> RunSummary:
-    """Run a new experiment or resume one; raise an AsyncRunnerError for the CLI to map."""
+            on_commit: Callable[[Snapshot], None] | None = None, *,
+            transport: httpx.AsyncBaseTransport | None = None) -> RunSummary:
+    """Run a new experiment, resume one, or retry its errors; raise an AsyncRunnerError
+    for the CLI to map. `transport` replaces the network (tests); the simulator of
+    `provider: mock` is then not started either."""
     if req.retry_errors_only and not req.resume:
         log.warning("retry_errors_ignored",
                     message="RETRY_ERRORS_ONLY is set without RESUME: ignored; "
                             "set RESUME=1 and EXPERIMENT_ID to retry an experiment's errors")
-    with _sigterm_as_exception():
-        if req.resume:
-            return _resume(req, out, on_commit)
-        return _start(req, out, on_commit)
+    d = draft(req)
+    with _sigterm_as_exception(), closing(connect(req.db_path)) as conn, \
+            ExperimentLock(req.db_path, d.experiment_id) as lock, _run_log():
+        plan = complete(conn, d)
+        _open_record(conn, plan, lock, out)
+        return _carry_out(conn, plan, on_commit, transport)
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
@@ -104,125 +88,62 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _start(req: RunRequest, out: IO[str],
-           on_commit: Callable[[Snapshot], None] | None) -> RunSummary:
-    if not req.config_path:
-        raise InputError("run needs a CONFIG.yaml (or RESUME=1 with EXPERIMENT_ID to resume)")
-    cfg = build_config(read_yaml(req.config_path), overrides=req.overrides, env=req.env,
-                       source=req.config_path)
-    data_path = resolve_data_path(cfg)
-    if not data_path.is_file():
-        raise InputError(f"config key 'data.file': data file not found: {cfg.data.file}")
-    conn = connect(req.db_path)
+@contextmanager
+def _run_log() -> Iterator[None]:
     try:
-        report = ingest(conn, cfg.data, data_path)
-        log.info("ingest", message=(
-            f"data {cfg.data.file}: {report.n_narratives} narratives"
-            + ("" if report.loaded else " (already in the database; file not re-read)")
-            + f", {report.n_blank} blank skipped, {report.n_duplicates} duplicates skipped"),
-            checksum=report.data_checksum)
-        cutoff = store.set_cutoff(conn, report.data_checksum, cfg.run.max_narratives)
-        total = store.count_set(conn, report.data_checksum, cutoff)
-        if total == 0:
-            raise InputError(f"data file {cfg.data.file} holds no narratives to classify")
-        experiment_id = new_experiment_id()
-        with ExperimentLock(req.db_path, experiment_id):
-            backup.check_disk(req.db_path, total, with_backup=False)
-            experiments.create(
-                conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
-                checksum=report.data_checksum, n_total=total,
-                api_url=redact_url(normalize_api_url(cfg.model.api_url)),
-                log_dir=str(Path(cfg.run.log_dir) / experiment_id),
-            )
-            print(f"experiment_id: {experiment_id}", file=out, flush=True)
-            logs.open_run_log(cfg.run.log_dir, experiment_id)
-            logs.bind(experiment_id=experiment_id, session=uuid.uuid4().hex[:8])
-            log.info("run_start", message=f"experiment {experiment_id} "
-                     f"'{cfg.experiment.name}': {total} narratives, {cfg.run.workers} workers",
-                     model=cfg.model.name, provider=cfg.model.provider, total=total,
-                     workers=cfg.run.workers, batch_size=cfg.run.batch_size)
-            _log_config(cfg)
-            selection = WorkSelection(experiment_id, report.data_checksum, cutoff)
-            return _run_session(conn, req, cfg, selection, total, total, out, on_commit)
+        yield
     finally:
-        conn.close()
         logs.close_run_log()
         logs.clear()
 
 
-def _resume(req: RunRequest, out: IO[str],
-            on_commit: Callable[[Snapshot], None] | None) -> RunSummary:
-    if not req.experiment_id:
-        raise RefusedError("RESUME=1 needs EXPERIMENT_ID=<uuid> (or --experiment-id); "
-                           "`asyncrunner resume --latest` finds the newest resumable one")
-    experiment_id = require_uuid(req.experiment_id)
-    if not req.db_path.exists():
-        raise RefusedError(f"database {req.db_path} does not exist; check --db / EXPERIMENTS_DB")
-    conn = connect(req.db_path)
-    try:
-        with ExperimentLock(req.db_path, experiment_id) as lock:
-            record = experiments.require_resumable(
-                conn, experiment_id, force=req.force,
-                retry_errors_only=req.retry_errors_only)
-            cfg, drift = _resume_config(req, record)
-            _check_data_unchanged(record)
-            cutoff = store.set_cutoff(conn, record.data_checksum or "", record.max_narratives)
-            total = store.count_set(conn, record.data_checksum or "", cutoff)
-            done, errors = store.count_results(conn, experiment_id)
-            target = errors if req.retry_errors_only else max(0, total - done)
-            backup.check_disk(req.db_path, target, with_backup=True)
-            backup_path = backup.make_backup(req.db_path)
-            experiments.mark_running(conn, experiment_id)
-            print(f"experiment_id: {experiment_id}", file=out, flush=True)
-            logs.open_run_log(cfg.run.log_dir, experiment_id)
-            logs.bind(experiment_id=experiment_id, session=uuid.uuid4().hex[:8])
-            if lock.stale_holder:
-                log.warning("stale_lock", pid=lock.stale_holder.get("pid"),
-                            message=f"replaced a stale lock left by PID "
-                                    f"{lock.stale_holder.get('pid')} (no longer running)")
-            for warning in drift:
-                log.warning("config_drift", message=warning)
-            log.info("backup", message=f"backup written: {backup_path}")
-            pct = 100.0 * done / total if total else 100.0
-            mode = "errors to retry" if req.retry_errors_only else "remaining"
-            log.info("resume", message=(
-                f"RESUMING {experiment_id}: completed {done}, {mode} {target}, "
-                f"total {total} ({pct:.1f}% done), previous status {record.status}"),
-                completed=done, remaining=target, total=total, previous_status=record.status)
-            _log_config(cfg)
-            selection = WorkSelection(experiment_id, record.data_checksum or "", cutoff,
-                                      retry_errors_only=req.retry_errors_only)
-            return _run_session(conn, req, cfg, selection, total, target, out, on_commit)
-    finally:
-        conn.close()
-        logs.close_run_log()
-        logs.clear()
-
-
-def _resume_config(req: RunRequest, record: store.ExperimentRecord) -> tuple[Config, list[str]]:
-    """The stored experiment decides model, prompt, temperature, seed, data file and
-    max_narratives; the YAML (if given), environment and flags decide how to run it."""
-    stored = config_from_dict(record.config)
-    if req.config_path:
-        current = build_config(read_yaml(req.config_path), overrides=req.overrides,
-                               env=req.env, source=req.config_path)
-        drift = experiments.config_drift(record, current)
+def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
+                 out: IO[str]) -> None:
+    """Check the disk, back up an existing experiment, then create or reopen its record
+    and say so: the first line on stdout is the experiment id."""
+    cfg, experiment_id = plan.config, plan.experiment_id
+    backup_path: Path | None = None
+    backup.check_disk(plan.db_path, plan.target, with_backup=not plan.is_new)
+    if plan.is_new:
+        assert plan.ingest is not None
+        experiments.create(
+            conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
+            checksum=plan.ingest.data_checksum, n_total=plan.total,
+            api_url=redact_url(normalize_api_url(cfg.model.api_url)),
+            log_dir=str(Path(cfg.run.log_dir) / experiment_id))
     else:
-        current = build_config(stored.to_dict(), overrides=req.overrides, env=req.env)
-        drift = []
-    cfg = replace(
-        current,
-        model=replace(current.model, name=record.model_name or stored.model.name,
-                      provider=record.model_provider or stored.model.provider,
-                      temperature=record.temperature if record.temperature is not None
-                      else stored.model.temperature),
-        prompt=replace(current.prompt, system_prompt=record.system_prompt or "",
-                       user_template=record.user_template or stored.prompt.user_template,
-                       version=record.prompt_version or stored.prompt.version),
-        data=replace(stored.data, file=record.data_file or stored.data.file),
-        run=replace(current.run, seed=record.run_seed, max_narratives=record.max_narratives),
-    )
-    return cfg, drift
+        backup_path = backup.make_backup(plan.db_path)
+        experiments.set_status(conn, experiment_id, Status.RUNNING)
+    print(f"experiment_id: {experiment_id}", file=out, flush=True)
+    logs.open_run_log(cfg.run.log_dir, experiment_id)
+    logs.bind(experiment_id=experiment_id, session=uuid.uuid4().hex[:8])
+    if lock.stale_holder:
+        pid = lock.stale_holder.get("pid")
+        who = f"PID {pid}, not running" if pid is not None else "unreadable content"
+        log.warning("stale_lock", pid=pid, message=f"stale lock from {who}; replaced")
+    for warning in plan.drift:
+        log.warning("config_drift", message=warning)
+    if backup_path:
+        log.info("backup", message=f"backup written: {backup_path}")
+    _log_start(plan)
+    _log_config(cfg)
+
+
+def _log_start(plan: RunPlan) -> None:
+    cfg = plan.config
+    if plan.is_new:
+        log.info("run_start", message=f"experiment {plan.experiment_id} "
+                 f"'{cfg.experiment.name}': {plan.total} narratives, {cfg.run.workers} workers",
+                 model=cfg.model.name, provider=cfg.model.provider, total=plan.total,
+                 workers=cfg.run.workers, batch_size=cfg.run.batch_size)
+        return
+    pct = 100.0 * plan.done / plan.total if plan.total else 100.0
+    mode = "errors to retry" if plan.intent is Intent.RETRY_ERRORS else "remaining"
+    log.info("resume", message=(
+        f"RESUMING {plan.experiment_id}: completed {plan.done}, {mode} {plan.target}, "
+        f"total {plan.total} ({pct:.1f}% done), previous status {plan.previous_status}"),
+        completed=plan.done, remaining=plan.target, total=plan.total,
+        previous_status=plan.previous_status)
 
 
 def _log_config(cfg: Config) -> None:
@@ -236,103 +157,116 @@ def _log_config(cfg: Config) -> None:
              max_narratives=r.max_narratives, data_file=cfg.data.file)
 
 
-def _check_data_unchanged(record: store.ExperimentRecord) -> None:
-    path = Path(record.data_file or "")
-    if not path.is_file():
-        raise RefusedError(
-            f"data file {record.data_file} of experiment {record.experiment_id} is missing; "
-            "restore it (same content) to resume"
-        )
-    if file_checksum(path) != record.data_checksum:
-        raise RefusedError(
-            f"data file {record.data_file} has changed since experiment "
-            f"{record.experiment_id} started (checksum mismatch); restore the original "
-            "file to resume, or start a new experiment with the new file"
-        )
-
-
-def _client_settings(cfg: Config, env: Mapping[str, str]) -> ClientSettings:
-    m = cfg.model
+def _client_settings(plan: RunPlan) -> ClientSettings:
+    m, env = plan.config.model, plan.request.env
     key = env.get(m.api_key_env) if m.api_key_env else None
     return ClientSettings(
         api_url=normalize_api_url(m.api_url), model=m.name, temperature=m.temperature,
-        max_tokens=m.max_tokens, timeout_s=m.timeout_s, max_attempts=cfg.run.max_attempts,
-        seed=cfg.run.seed, api_key=key or None, response_format=m.response_format,
-        extra_body=dict(m.extra_body or {}), backoff_base_s=cfg.run.retry_backoff_s,
+        max_tokens=m.max_tokens, timeout_s=m.timeout_s, max_attempts=plan.config.run.max_attempts,
+        seed=plan.config.run.seed, api_key=key or None, response_format=m.response_format,
+        extra_body=dict(m.extra_body or {}), backoff_base_s=plan.config.run.retry_backoff_s,
     )
 
 
-def _run_session(conn: sqlite3.Connection, req: RunRequest, cfg: Config,
-                 selection: WorkSelection, total: int, target: int, out: IO[str],
-                 on_commit: Callable[[Snapshot], None] | None) -> RunSummary:
-    experiment_id = selection.experiment_id
-    spec = PipelineSpec(
-        db_path=req.db_path, selection=selection,
-        writer=WriterSettings(experiment_id=experiment_id, total=total, session_target=target,
-                              batch_size=cfg.run.batch_size,
-                              interval_s=cfg.run.commit_interval_s,
-                              retry_errors_only=selection.retry_errors_only),
-        client=_client_settings(cfg, req.env),
-        prompt=Prompt(cfg.prompt.system_prompt, cfg.prompt.user_template),
-        workers=cfg.run.workers, grace_s=cfg.run.grace_period_s,
-        requests_per_minute=cfg.run.requests_per_minute,
-        tokens_per_minute=cfg.run.tokens_per_minute,
-        mock_server=cfg.model.provider == "mock",
+def pipeline_spec(plan: RunPlan) -> PipelineSpec:
+    r = plan.config.run
+    return PipelineSpec(
+        db_path=str(plan.db_path), selection=plan.selection,
+        writer=WriterSettings(experiment_id=plan.experiment_id, total=plan.total,
+                              session_target=plan.target, batch_size=r.batch_size,
+                              interval_s=r.commit_interval_s,
+                              retry_errors_only=plan.intent is Intent.RETRY_ERRORS),
+        client=_client_settings(plan),
+        prompt=Prompt(plan.config.prompt.system_prompt, plan.config.prompt.user_template),
+        workers=r.workers, grace_s=r.grace_period_s,
+        requests_per_minute=r.requests_per_minute, tokens_per_minute=r.tokens_per_minute,
     )
+
+
+async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
+                          on_commit: Callable[[Snapshot], None] | None,
+                          transport: httpx.AsyncBaseTransport | None) -> PipelineOutcome:
+    """Bring up the HTTP side (and the simulator for `provider: mock`), run the pipeline."""
+    async with AsyncExitStack() as stack:
+        if plan.config.model.provider == "mock" and transport is None:
+            from .sim import MockServer
+
+            server = await stack.enter_async_context(
+                MockServer(latency_ms=0.0, model=spec.client.model))
+            spec = _with_url(spec, server.url)
+        http = await stack.enter_async_context(
+            make_http_client(spec.workers, spec.client.timeout_s, transport=transport))
+        return await run_pipeline(spec, http, on_commit=on_commit)
+
+
+def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
+    return replace(spec, client=replace(spec.client, api_url=url))
+
+
+def _carry_out(conn: sqlite3.Connection, plan: RunPlan,
+               on_commit: Callable[[Snapshot], None] | None,
+               transport: httpx.AsyncBaseTransport | None) -> RunSummary:
+    experiment_id = plan.experiment_id
     try:
-        outcome = anyio.run(run_pipeline, spec, on_commit)
+        outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan), on_commit, transport)
         # The event loop put the default SIGTERM action back when it closed.
         signal.signal(signal.SIGTERM, _raise_stopped)
-        done, _ = store.count_results(conn, experiment_id)
         if outcome.stopped_by is not None:
             raise Stopped(outcome.stopped_by)
-        if done < total:
-            raise RunFailed(f"work ran out with {done}/{total} narratives stored")
-        result = finalize(conn, experiment_id, Path(cfg.run.output_dir))
+        done, _ = store.count_results(conn, experiment_id)
+        if done < plan.total:
+            raise RunFailed(f"work ran out with {done}/{plan.total} narratives stored")
+        result = finalize(conn, experiment_id, Path(plan.config.run.output_dir))
     except (Stopped, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        experiments.set_status(conn, experiment_id, "interrupted",
-                               f"stopped by {signal.Signals(signum).name}")
-        done, _ = store.count_results(conn, experiment_id)
-        log.warning("run_interrupted", message=(
-            f"interrupted: {done}/{total} narratives stored; resume with "
-            f"RESUME=1 EXPERIMENT_ID={experiment_id} or `asyncrunner resume {experiment_id}`"))
+        _end_interrupted(conn, plan, signum)
         raise Stopped(signum) from None
     except AsyncRunnerError as exc:
-        _mark_failed(conn, experiment_id, str(exc))
+        _end_failed(conn, experiment_id, str(exc))
         raise
     except BaseException as exc:
         reason = _describe(exc)
-        _mark_failed(conn, experiment_id, reason)
+        _end_failed(conn, experiment_id, reason)
         raise RunFailed(f"run failed: {reason}; resume with "
                         f"`asyncrunner resume {experiment_id}`") from exc
     log.info("exports", message=f"results written: {result['exports']['csv']}, "
                                 f"{result['exports']['json']}")
-    report = _write_report(conn, experiment_id, Path(cfg.run.output_dir))
+    report = _write_report(conn, experiment_id, Path(plan.config.run.output_dir))
     if report:
         result["exports"]["report"] = report
     overall = result["metrics"]["overall"]
     log.info("run_finished", message=f"experiment {experiment_id} completed",
              n=overall["n"], precision=overall["precision"], recall=overall["recall"],
              f1=overall["f1"])
-    return RunSummary(experiment_id, "completed", result["metrics"], result["exports"])
+    return RunSummary(experiment_id, Status.COMPLETED, result["metrics"], result["exports"])
+
+
+def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, signum: int) -> None:
+    name = signal.Signals(signum).name
+    experiments.set_status(conn, plan.experiment_id, Status.INTERRUPTED, f"stopped by {name}")
+    done, _ = store.count_results(conn, plan.experiment_id)
+    log.warning("run_interrupted", message=(
+        f"interrupted: {done}/{plan.total} narratives stored; resume with "
+        f"RESUME=1 EXPERIMENT_ID={plan.experiment_id} or "
+        f"`asyncrunner resume {plan.experiment_id}`"))
+
+
+def _end_failed(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:
+    experiments.set_status(conn, experiment_id, Status.FAILED, reason[:500])
+    log.error("run_failed", message=f"run failed: {reason[:300]}")
 
 
 def _write_report(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> str | None:
     """The HTML report is a convenience: if it cannot be drawn the run has still finished."""
-    from .report import default_report_path, write_report
-
     try:
-        return str(write_report(conn, experiment_id, default_report_path(output_dir, experiment_id)))
+        from .report import default_report_path, write_report
+
+        out = default_report_path(output_dir, experiment_id)
+        return str(write_report(conn, experiment_id, out))
     except Exception as exc:  # noqa: BLE001 - any failure here must not fail a finished run
         log.warning("report_failed", message=f"report not written: {_describe(exc)}; "
                     f"run `asyncrunner report {experiment_id}` to retry")
         return None
-
-
-def _mark_failed(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:
-    experiments.set_status(conn, experiment_id, "failed", reason[:500])
-    log.error("run_failed", message=f"run failed: {reason[:300]}")
 
 
 def _describe(exc: BaseException) -> str:

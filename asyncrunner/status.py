@@ -1,5 +1,9 @@
 """`asyncrunner status`: what operators see of experiments, as text or JSON.
 
+This module owns the status listing and the detail view (`collect` gathers, `render_*`
+print). The metrics shown are metrics.py's `MetricsReport`: the stored metrics_json of a
+completed experiment, passed through unchanged to `--json`.
+
 Reads only. Works while a run is going (WAL readers never block the writer).
 """
 
@@ -7,21 +11,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from . import locks, store
-from .finalize import metrics_report
+from .metrics import Confusion, Interval, MetricsReport, metrics_report
+from .vocab import Status
 
 RECENT_WINDOW_S = 300
 
 
 def recent_rate(conn: sqlite3.Connection, experiment_id: str) -> float:
     """Results stored per second over the last five minutes (0 when idle)."""
-    since = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_WINDOW_S)).strftime(
+    since = (datetime.now(UTC) - timedelta(seconds=RECENT_WINDOW_S)).strftime(
         "%Y-%m-%dT%H:%M:%S")
-    n = conn.execute(
+    n: int = conn.execute(
         "SELECT COUNT(*) FROM narrative_results WHERE experiment_id = ? AND processed_at >= ?",
         (experiment_id, since),
     ).fetchone()[0]
@@ -43,10 +48,10 @@ def list_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 def render_list(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no experiments in this database"
-    lines = [f"{'experiment_id':36}  {'status':11}  {'done/total':>13}  {'errors':>6}  "
-             f"{'ETA':19}  name"]
+    lines = [(f"{'experiment_id':36}  {'status':11}  {'done/total':>13}  {'errors':>6}  "
+              f"{'ETA':19}  name")]
     for r in rows:
-        eta = r["eta"] if r["status"] == "running" and r["eta"] else "-"
+        eta = r["eta"] if r["status"] == Status.RUNNING and r["eta"] else "-"
         lines.append(f"{r['experiment_id']:36}  {r['status'] or '?':11}  "
                      f"{str(r['done']) + '/' + str(r['total']):>13}  {r['errors']:>6}  "
                      f"{eta:19}  {r['name'] or ''}")
@@ -76,7 +81,7 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
         "errors": n_errors,
         "errors_by_category": store.errors_by_category(conn, experiment_id),
         "rate_per_s": round(recent_rate(conn, experiment_id), 4),
-        "eta": row["estimated_completion_time"] if row["status"] == "running" else None,
+        "eta": row["estimated_completion_time"] if row["status"] == Status.RUNNING else None,
         "start_time": row["start_time"],
         "end_time": row["end_time"],
         "last_progress_update": row["last_progress_update"],
@@ -89,9 +94,10 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
         "log_dir": row["log_dir"],
         "metrics": None,
     }
-    if row["status"] == "completed":
+    if row["status"] == Status.COMPLETED:
+        # The stored JSON as it is, so --json shows what finalize recorded.
         info["metrics"] = (json.loads(row["metrics_json"]) if row.get("metrics_json")
-                           else metrics_report(conn, experiment_id))
+                           else metrics_report(conn, experiment_id).to_dict())
     return info
 
 
@@ -112,46 +118,50 @@ def render_detail(info: dict[str, Any]) -> str:
         f"experiment {info['experiment_id']}  '{info['name']}'",
         f"  status     {info['status']}" + (
             f" (lock held by live PID {info['lock']['pid']})" if info["lock"]["held"]
-            else " (no live process holds its lock)" if info["status"] == "running" else ""),
-        f"  model      {info['model']} ({info['provider']}, T={info['temperature']}, "
-        f"prompt {info['prompt_version']})",
+            else " (no live process holds its lock)" if info["status"] == Status.RUNNING
+            else ""),
+        (f"  model      {info['model']} ({info['provider']}, T={info['temperature']}, "
+         f"prompt {info['prompt_version']})"),
         f"  progress   {info['done']}/{info['total']} ({pct:.1f}%)" + (
-            f", recent rate {info['rate_per_s']:.2f}/s" if info["status"] == "running" else "")
+            f", recent rate {info['rate_per_s']:.2f}/s" if info["status"] == Status.RUNNING
+            else "")
         + (f", ETA {info['eta']}" if info["eta"] else ""),
         f"  started    {info['start_time']}" + (
             f", ended {info['end_time']}" if info["end_time"] else ""),
         f"  errors     {info['errors']}" + (
             " (" + ", ".join(f"{k}: {v}" for k, v in info["errors_by_category"].items()) + ")"
             if info["errors_by_category"] else ""),
-        f"  tokens     prompt {info['tokens']['prompt']}, completion "
-        f"{info['tokens']['completion']} ({info['tokens']['per_s']:.0f} tokens per second "
-        "of request time)",
+        (f"  tokens     prompt {info['tokens']['prompt']}, completion "
+         f"{info['tokens']['completion']} ({info['tokens']['per_s']:.0f} tokens per second "
+         "of request time)"),
     ]
     if info["cost_estimate"] is not None:
         lines.append(f"  cost est.  {info['cost_estimate']}")
     if info["failure_reason"]:
         lines.append(f"  reason     {info['failure_reason']}")
     if info["metrics"]:
-        lines.append("  metrics    (results with a manual label and no error; 95% Wilson CI)")
-        lines.append(f"    {'set':8} {'n':>6} {'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} "
-                     f"{'precision':>22} {'recall':>22} {'F1':>6} {'accuracy':>6}")
-        for key, m in info["metrics"].items():
-            if key == "unscored":
-                continue
-            lines.append(
-                f"    {key:8} {m['n']:>6} {m['n_tp']:>5} {m['n_fp']:>5} {m['n_tn']:>5} "
-                f"{m['n_fn']:>5} {_with_ci(m, 'precision'):>22} {_with_ci(m, 'recall'):>22} "
-                f"{_fmt(m['f1']):>6} {_fmt(m['accuracy']):>6}")
-        unscored = info["metrics"].get("unscored", {})
-        if unscored:
-            lines.append(f"    not scored: {unscored.get('errors', 0)} errors, "
-                         f"{unscored.get('unlabelled', 0)} without a manual label")
+        lines += _metrics_lines(MetricsReport.from_dict(info["metrics"]))
     return "\n".join(lines)
 
 
-def _with_ci(m: dict[str, Any], key: str) -> str:
-    value = m[key]
-    ci = (m.get("intervals") or {}).get(key)
+def _metrics_lines(report: MetricsReport) -> list[str]:
+    lines = ["  metrics    (results with a manual label and no error; 95% Wilson CI)",
+             (f"    {'set':8} {'n':>6} {'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} "
+              f"{'precision':>22} {'recall':>22} {'F1':>6} {'accuracy':>6}")]
+    lines += [_metrics_row(key, m) for key, m in report.rows()]
+    lines.append(f"    not scored: {report.unscored.errors} errors, "
+                 f"{report.unscored.unlabelled} without a manual label")
+    return lines
+
+
+def _metrics_row(key: str, m: Confusion) -> str:
+    return (f"    {key:8} {m.n:>6} {m.tp:>5} {m.fp:>5} {m.tn:>5} {m.fn:>5} "
+            f"{_with_ci(m.precision, m.precision_interval):>22} "
+            f"{_with_ci(m.recall, m.recall_interval):>22} "
+            f"{_fmt(m.f1):>6} {_fmt(m.accuracy):>6}")
+
+
+def _with_ci(value: float | None, ci: Interval | None) -> str:
     if value is None:
         return "-"
     return f"{value:.3f} [{ci[0]:.3f},{ci[1]:.3f}]" if ci else f"{value:.3f}"

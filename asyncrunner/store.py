@@ -11,9 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import ERROR_CATEGORIES
-
-RESUMABLE = ("running", "interrupted", "failed")
+from .vocab import RESUMABLE, ErrorCategory
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +92,10 @@ def errors_by_category(conn: sqlite3.Connection, experiment_id: str) -> dict[str
         "WHERE experiment_id = ? AND error_occurred = 1 GROUP BY 1",
         (experiment_id,),
     ).fetchall()
-    found = {cat: int(n) for cat, n in rows}
-    return {cat: found.get(cat, 0) for cat in ERROR_CATEGORIES if found.get(cat)} | {
-        cat: n for cat, n in found.items() if cat not in ERROR_CATEGORIES
-    }
+    found = {str(cat): int(n) for cat, n in rows}
+    # The contract's order first, then anything an older version stored.
+    ordered = {str(c): found[c] for c in ErrorCategory if found.get(c)}
+    return ordered | {cat: n for cat, n in found.items() if cat not in ordered}
 
 
 def token_totals(conn: sqlite3.Connection, experiment_id: str) -> tuple[int, int, float]:
@@ -124,7 +122,7 @@ def latest_resumable(conn: sqlite3.Connection) -> ExperimentRecord | None:
     row = conn.execute(
         "SELECT experiment_id FROM experiments WHERE status IN (?, ?, ?) "
         "ORDER BY start_time DESC LIMIT 1",
-        RESUMABLE,
+        tuple(sorted(RESUMABLE)),
     ).fetchone()
     return get_experiment(conn, row[0]) if row else None
 

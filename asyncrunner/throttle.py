@@ -63,7 +63,8 @@ class TokenBudget:
     def settle(self, entry: list[float], prompt_chars: int, prompt_tokens: int | None,
                completion_tokens: int | None) -> None:
         if prompt_tokens:
-            self._chars_per_token = 0.8 * self._chars_per_token + 0.2 * (prompt_chars / prompt_tokens)
+            observed = prompt_chars / prompt_tokens
+            self._chars_per_token = 0.8 * self._chars_per_token + 0.2 * observed
             entry[1] = prompt_tokens + (completion_tokens or 0)
         if completion_tokens is not None:
             self._completion_mean = 0.8 * self._completion_mean + 0.2 * completion_tokens
@@ -112,9 +113,12 @@ class AdaptiveLimiter:
             await anyio.sleep(start - now)
 
     async def release(self) -> None:
-        async with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
+        # Shielded: a cancelled request must still give its slot back, or the limit shrinks
+        # for good (taking the lock inside a cancelled scope would raise at once).
+        with anyio.CancelScope(shield=True):
+            async with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
 
     def on_success(self) -> None:
         self._limit = min(float(self.ceiling), self._limit + 1.0 / max(self._limit, 1.0))

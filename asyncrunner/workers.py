@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from .clock import utc_now
 from .client import Completion, LLMClient, RequestFailure
+from .clock import utc_now
 from .config import TEXT_PLACEHOLDER
 from .messages import Narrative, Result
 from .parsing import AnswerParseError, parse_answer
+from .vocab import ErrorCategory
 
 log = structlog.get_logger("asyncrunner.workers")
 
@@ -57,7 +58,7 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure) -> Result:
         answer = parse_answer(outcome.content, outcome.finish_reason)
     except AnswerParseError as exc:
         return Result(**_base(n, outcome.attempts), **common,  # type: ignore[arg-type]
-                      error_category="parse_error", error_message=str(exc))
+                      error_category=ErrorCategory.PARSE_ERROR, error_message=str(exc))
     return Result(
         **_base(n, outcome.attempts), **common,  # type: ignore[arg-type]
         detected=int(answer.detected), confidence=answer.confidence,
@@ -66,15 +67,17 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure) -> Result:
 
 
 async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
-    ctx = {"incident_id": n.incident_id, "narrative_type": n.narrative_type}
-    outcome = await client.complete(prompt.system_prompt, prompt.render(n.text), **ctx)
-    result = to_result(n, outcome)
-    if result.error_category is not None:
-        status = outcome.status if isinstance(outcome, RequestFailure) else None
-        # info, not warning: an errored narrative is recorded and counted on the progress
-        # display; one console line per failure would drown the display in a 429 storm.
-        log.info("narrative_error", category=result.error_category, status=status,
-                    attempts=result.attempt_count, **ctx)
+    # Bound once here, the narrative's key reaches every log line of its retries too.
+    with structlog.contextvars.bound_contextvars(incident_id=n.incident_id,
+                                                 narrative_type=n.narrative_type):
+        outcome = await client.complete(prompt.system_prompt, prompt.render(n.text))
+        result = to_result(n, outcome)
+        if result.error_category is not None:
+            status = outcome.status if isinstance(outcome, RequestFailure) else None
+            # info, not warning: an errored narrative is recorded and counted on the progress
+            # display; one console line per failure would drown the display in a 429 storm.
+            log.info("narrative_error", category=result.error_category, status=status,
+                     attempts=result.attempt_count)
     return result
 
 

@@ -109,7 +109,9 @@ class ResultWriter:
         self.last: Snapshot | None = None
 
     async def run(self, results: ObjectReceiveStream[Result]) -> None:
-        async with open_async(self.db_path) as db:
+        # The stream is closed however this ends (even cancelled while opening the database),
+        # so senders learn at once that nobody reads any more.
+        async with results, open_async(self.db_path) as db:
             await db.execute("PRAGMA synchronous = NORMAL")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._collect, results)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from asyncrunner.mockserver import FaultConfig, MockServer
+from asyncrunner.sim import FaultConfig, MockServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,5 +124,13 @@ def experiment_id_from(stdout: str) -> str:
     raise AssertionError(f"no experiment_id line in output:\n{stdout}")
 
 
-__all__ = ["FaultConfig", "ServerThread", "write_fixture_csv", "write_config", "cli_env",
-           "run_cli", "experiment_id_from", "FIXTURE_ROWS"]
+__all__ = [
+    "FIXTURE_ROWS",
+    "FaultConfig",
+    "ServerThread",
+    "cli_env",
+    "experiment_id_from",
+    "run_cli",
+    "write_config",
+    "write_fixture_csv",
+]

@@ -48,6 +48,14 @@ def test_refuses_when_the_disk_is_too_small(tmp_path: Path,
     def tiny(path: Any) -> Any:  # the one boundary a test cannot fill for real
         return usage._replace(free=10 * 1024 * 1024)
 
-    monkeypatch.setattr(backup.shutil, "disk_usage", tiny)
+    monkeypatch.setattr("asyncrunner.backup.shutil.disk_usage", tiny)
     with pytest.raises(RefusedError, match=r"10 MiB free, \d+ MiB needed"):
         backup.check_disk(db, remaining=40_000, with_backup=True)
+
+
+def test_a_failed_backup_leaves_no_partial_file(tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    db.write_text("not a database\n" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        backup.make_backup(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.db"]

@@ -6,17 +6,25 @@ The same behaviours are exercised over real HTTP against the mock server in test
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from email.utils import formatdate
-import time
+from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from asyncrunner.client import (
-    ClientSettings, Completion, LLMClient, RequestFailure, normalize_api_url, parse_retry_after,
+    ClientSettings,
+    Completion,
+    LLMClient,
+    RequestFailure,
+    normalize_api_url,
+    parse_retry_after,
+    redact_url,
 )
-from asyncrunner.throttle import AdaptiveLimiter
+from asyncrunner.throttle import AdaptiveLimiter, TokenBudget
 
 OK_BODY = {"choices": [{"message": {"content": '{"detected": true}'}, "finish_reason": "stop"}],
            "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
@@ -32,7 +40,10 @@ def make_client(handler: Callable[[httpx.Request], httpx.Response], *, attempts:
     return LLMClient(settings, http, limiter), limiter
 
 
-def scripted(*responses: httpx.Response | Exception) -> tuple[Callable[[httpx.Request], httpx.Response], list[httpx.Request]]:
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def scripted(*responses: httpx.Response | Exception) -> tuple[Handler, list[httpx.Request]]:
     seen: list[httpx.Request] = []
     queue = list(responses)
 
@@ -62,8 +73,8 @@ async def test_success_builds_request_and_reads_usage() -> None:
 
 
 async def test_429_then_success_honours_retry_after_and_slows_everyone() -> None:
-    handler, seen = scripted(httpx.Response(429, headers={"Retry-After": "0.2"}),
-                             httpx.Response(200, json=OK_BODY))
+    handler, _ = scripted(httpx.Response(429, headers={"Retry-After": "0.2"}),
+                          httpx.Response(200, json=OK_BODY))
     client, limiter = make_client(handler)
     started = time.monotonic()
     out = await client.complete("s", "u")
@@ -114,3 +125,242 @@ def test_url_normalisation() -> None:
     assert normalize_api_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
     full = "http://h:1/v1/chat/completions"
     assert normalize_api_url(full) == full
+
+
+# --- in-process additions: request body, retry decisions, AIMD through the client ---------
+
+
+async def test_request_body_and_headers_carry_the_run_settings() -> None:
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, extra_body={"temperature": 0.7, "top_k": 5})
+    await client.complete("system text", "user text")
+    body = json.loads(seen[0].content)
+    assert body == {
+        "model": "m",
+        "messages": [{"role": "system", "content": "system text"},
+                     {"role": "user", "content": "user text"}],
+        "temperature": 0.7,            # extra_body is merged last, so it can override
+        "max_tokens": 50, "seed": 1024, "top_k": 5,
+    }
+    assert seen[0].method == "POST" and seen[0].headers["content-type"] == "application/json"
+    assert "authorization" not in seen[0].headers
+    await client.http.aclose()
+
+
+async def test_optional_body_fields_are_left_out_when_unset() -> None:
+    settings = ClientSettings(api_url="http://h/v1/chat/completions", model="m",
+                              temperature=0.0, max_tokens=8, timeout_s=1, max_attempts=1)
+    async with httpx.AsyncClient() as http:
+        client = LLMClient(settings, http, AdaptiveLimiter(1))
+        assert set(client.build_body("s", "u")) == {"model", "messages", "temperature",
+                                                    "max_tokens"}
+        assert client.url == "http://h/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("status", "category", "attempts", "slows_down"),
+    [
+        (503, "api_error", 3, True),
+        (504, "api_error", 3, False),
+        (408, "api_error", 3, False),
+        (409, "api_error", 3, False),
+        (425, "api_error", 3, False),
+        (400, "api_error", 1, False),
+        (403, "api_error", 1, False),
+        (422, "api_error", 1, False),
+    ],
+)
+async def test_which_statuses_are_retried(status: int, category: str, attempts: int,
+                                          slows_down: bool) -> None:
+    handler, seen = scripted(httpx.Response(status, json={"error": {"message": "nope"}}))
+    client, limiter = make_client(handler)
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.attempts, len(seen), out.status) == (category, attempts, attempts,
+                                                                   status)
+    assert out.retryable == (attempts > 1)
+    assert out.message == f"HTTP {status}: nope"
+    assert (limiter.stats().decreases > 0) == slows_down
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_retry_after_is_waited_out_and_reported(status: int) -> None:
+    handler, seen = scripted(httpx.Response(status, headers={"Retry-After": "0.1"}, text="busy"))
+    client, limiter = make_client(handler, attempts=2)
+    started = time.monotonic()
+    out = await client.complete("s", "u")
+    elapsed = time.monotonic() - started
+    assert isinstance(out, RequestFailure) and len(seen) == 2
+    assert out.retry_after_s == 0.1 and elapsed >= 0.095
+    # a 503 also pauses every worker (the limiter's common pause); a 500 only this request
+    assert (limiter.stats().paused_for_s > 0) == (status == 503)
+    await client.http.aclose()
+
+
+async def test_without_retry_after_a_zero_backoff_retries_at_once() -> None:
+    handler, seen = scripted(httpx.Response(500, text="boom"))
+    client, _ = make_client(handler, attempts=4)
+    started = time.monotonic()
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure) and out.retry_after_s is None and len(seen) == 4
+    assert time.monotonic() - started < 0.1
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize("body", [
+    {"choices": []}, {"error": "overloaded"}, {"choices": [{"message": "text"}]},
+    {"choices": [{"text": "legacy completion"}]}, [1, 2],
+])
+async def test_a_200_that_is_not_a_chat_completion_is_a_retried_api_error(body: object) -> None:
+    handler, seen = scripted(httpx.Response(200, json=body))
+    client, limiter = make_client(handler)
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.attempts, len(seen), out.status) == ("api_error", 3, 3, 200)
+    assert out.raw is not None and json.loads(out.raw) == body
+    assert limiter.stats().limit == 4                  # not a success: the limit did not move
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize("error", [
+    httpx.ConnectTimeout("connect"), httpx.WriteTimeout("write"), httpx.PoolTimeout("pool"),
+])
+async def test_every_kind_of_timeout_is_the_timeout_category(error: Exception) -> None:
+    handler, _ = scripted(error)
+    client, _ = make_client(handler, attempts=2)
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.attempts, out.status, out.raw) == ("timeout", 2, None, None)
+    assert out.message == "no response within 5s"
+    await client.http.aclose()
+
+
+async def test_a_timeout_then_an_answer_is_a_completion_on_the_second_attempt() -> None:
+    handler, _ = scripted(httpx.ReadTimeout("slow"), httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler)
+    out = await client.complete("s", "u")
+    assert isinstance(out, Completion) and out.attempts == 2
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize(("message", "usage", "expected"), [
+    ({"content": None}, None, (None, None, None)),
+    ({"content": ["parts"]}, {"prompt_tokens": True, "completion_tokens": "7"}, (None, None, None)),
+    ({"content": "x"}, {"prompt_tokens": 3}, ("x", 3, None)),
+])
+async def test_completion_fields_are_taken_only_when_well_typed(
+        message: dict[str, object], usage: dict[str, object] | None,
+        expected: tuple[object, object, object]) -> None:
+    body = {"choices": [{"message": message, "finish_reason": "length"}], "usage": usage}
+    handler, _ = scripted(httpx.Response(200, json=body))
+    client, _ = make_client(handler)
+    out = await client.complete("s", "u")
+    assert isinstance(out, Completion) and out.finish_reason == "length"
+    assert (out.content, out.prompt_tokens, out.completion_tokens) == expected
+    assert out.raw is not None and json.loads(out.raw) == body
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize(("response", "message"), [
+    (httpx.Response(418, json={"error": "short and\nstout"}), "HTTP 418: short and stout"),
+    (httpx.Response(451, text="<html><head><TITLE> Gone </TITLE></head></html>"), "HTTP 451: Gone"),
+    (httpx.Response(410, text=""), "HTTP 410: empty body"),
+    (httpx.Response(406, text="x" * 500), "HTTP 406: " + "x" * 200),
+])
+async def test_the_error_message_is_one_short_line_from_the_body(response: httpx.Response,
+                                                                 message: str) -> None:
+    handler, _ = scripted(response)
+    client, _ = make_client(handler)
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure) and out.message == message
+    await client.http.aclose()
+
+
+def test_redact_url_drops_credentials_and_query() -> None:
+    assert redact_url("http://user:pw@h:1/v1?key=sk-1") == "http://h:1/v1"
+    assert redact_url("http://h:1/v1") == "http://h:1/v1"
+    assert redact_url("http://[::1") == "<invalid url>"
+
+
+def gate(n: int, response: httpx.Response) -> Callable[[httpx.Request], Any]:
+    """An async handler holding requests until `n` are in flight, then answering them all."""
+    arrived = 0
+    everyone = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal arrived
+        arrived += 1
+        if arrived == n:
+            everyone.set()
+        await everyone.wait()
+        return response
+    return handler
+
+
+async def rounds(client: LLMClient, n: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(client.complete, "s", "u")
+
+
+async def test_aimd_one_round_of_429s_halves_once_and_successes_climb_back() -> None:
+    limiter = AdaptiveLimiter(4)
+    settings = ClientSettings(api_url="http://h/v1", model="m", temperature=0, max_tokens=8,
+                              timeout_s=5, max_attempts=1, backoff_base_s=0.0)
+    transport = httpx.MockTransport(gate(4, httpx.Response(429, text="slow")))
+    async with httpx.AsyncClient(transport=transport) as http:
+        await rounds(LLMClient(settings, http, limiter), 4)      # four refusals, one round
+    assert (limiter.stats().limit, limiter.stats().decreases) == (2, 1)
+    transport = httpx.MockTransport(gate(2, httpx.Response(429, text="slow")))
+    async with httpx.AsyncClient(transport=transport) as http:
+        await rounds(LLMClient(settings, http, limiter), 2)      # sent after the decrease
+    assert (limiter.stats().limit, limiter.stats().decreases) == (1, 2)
+    handler, _ = scripted(httpx.Response(200, json=OK_BODY))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = LLMClient(settings, http, limiter)
+        limits = []
+        for _ in range(12):
+            await client.complete("s", "u")
+            limits.append(limiter.stats().limit)
+    assert limits[:3] == pytest.approx([2.0, 2.5, 2.9])
+    assert limits == sorted(limits) and limits[-1] == 4.0      # back to, never above, the ceiling
+    assert limiter.stats().in_flight == 0
+
+
+async def test_a_token_budget_learns_from_the_reported_usage() -> None:
+    handler, _ = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler)
+    budget = TokenBudget(tokens_per_minute=10_000, max_completion_tokens=50)
+    client.budget = budget
+    before = budget.estimate(100)
+    out = await client.complete("s" * 50, "u" * 50)
+    assert isinstance(out, Completion)
+    # 100 characters were 11 prompt tokens; completions of 7 pull the mean down from 25
+    chars_per_token = 0.8 * 4 + 0.2 * 100 / 11
+    assert budget.estimate(100) == pytest.approx(100 / chars_per_token + 0.8 * 25 + 0.2 * 7)
+    assert budget.estimate(100) != before
+    await client.http.aclose()
+
+
+def test_retry_after_edge_values() -> None:
+    assert parse_retry_after(" 2 ") == 2.0
+    assert parse_retry_after("-5") == 0.0
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("") is None
+
+
+@pytest.mark.parametrize("extra_body", [
+    {}, {"top_p": 0.5}, {"messages": [{"role": "user", "content": "replaced"}]},
+])
+async def test_the_body_sent_is_the_json_of_build_body_for_every_prompt(
+        extra_body: dict[str, Any]) -> None:
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, extra_body=extra_body)
+    prompts = [(f"system {i % 10} \u00e9\"\\", f"user {i}: \u201cquoted\u201d\n\t\x00 {{}}")
+               for i in range(12)]                # more system prompts than any cache holds
+    for system, user in prompts:
+        await client.complete(system, user)
+    for (system, user), request in zip(prompts, seen, strict=True):
+        assert request.content == json.dumps(client.build_body(system, user)).encode()
+    await client.http.aclose()

@@ -10,16 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from asyncrunner.compare import (
-    METHOD_CHI2, METHOD_EXACT, Comparison, cohen_kappa, compare, mcnemar, mcnemar_chi2,
-    mcnemar_exact, render_text, to_json,
-)
-from asyncrunner.errors import RefusedError, UsageError
-from asyncrunner.finalize import metrics_report
-from asyncrunner.mockserver import MockServer
-from asyncrunner.schema import connect
 from conftest import cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv
+
+from asyncrunner.compare import Comparison, compare, render_text, to_json
+from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.metrics import (
+    METHOD_CHI2,
+    METHOD_EXACT,
+    cohen_kappa,
+    mcnemar,
+    mcnemar_chi2,
+    mcnemar_exact,
+    metrics_report,
+)
+from asyncrunner.schema import connect
+from asyncrunner.sim import MockServer
 
 ID1 = "11111111-1111-4111-8111-111111111111"
 ID2 = "22222222-2222-4222-8222-222222222222"
@@ -187,9 +192,9 @@ def test_compare_hand_computed_fixture(conn: sqlite3.Connection) -> None:
     assert c.metrics_1 == metrics_report(conn, ID1)
     assert c.metrics_2 == metrics_report(conn, ID2)
     # exp 1 over all its scored rows: TP 6+3+1(9001) = 10, FP 1, TN 4+2+1(9000) = 7, FN 1
-    o = c.metrics_1["overall"]
+    o = c.metrics_1.to_dict()["overall"]
     assert (o["n_tp"], o["n_fp"], o["n_tn"], o["n_fn"]) == (10, 1, 7, 1)
-    assert {"LE", "CME"} <= set(c.metrics_1)
+    assert {"LE", "CME"} <= set(c.metrics_1.to_dict())
     assert c.same_data
 
 
@@ -269,5 +274,5 @@ def test_two_real_runs_compare_identically(tmp_path: Path, mock_server: MockServ
     assert c.mcnemar_p == 1.0 and c.mcnemar_method == METHOD_EXACT
     assert "T=0.0" in c.describe_1 and "T=0.7" in c.describe_2
     for m in (c.metrics_1, c.metrics_2):  # the hand-computed matrix of test_e2e
-        o = m["overall"]
+        o = m.to_dict()["overall"]
         assert (o["n_tp"], o["n_fp"], o["n_tn"], o["n_fn"]) == (2, 2, 4, 1)

@@ -61,7 +61,7 @@ def test_bad_values_name_the_key(tmp_path: Path, data_file: Path, data: dict, ke
 
 
 def test_missing_data_file_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.xlsx"):
+    with pytest.raises(ConfigError, match=r"nope\.xlsx"):
         load_config(write(tmp_path, {"data": {"file": "nope.xlsx"}}), env={})
 
 

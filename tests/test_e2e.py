@@ -10,11 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from asyncrunner.mockserver import MockServer, classify_text
 from conftest import (
-    ROOT, cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv,
+    ROOT,
+    cli_env,
+    experiment_id_from,
+    run_cli,
+    write_config,
+    write_fixture_csv,
 )
+
+from asyncrunner.sim import MockServer, classify_text
 
 MONITOR_SQL = ("SELECT n_narratives_completed, n_narratives_total, estimated_completion_time "
                "FROM experiments WHERE status = 'running'")

@@ -7,9 +7,16 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import (
+    FIXTURE_ROWS,
+    cli_env,
+    experiment_id_from,
+    run_cli,
+    write_config,
+    write_fixture_csv,
+)
 
-from asyncrunner.mockserver import FaultConfig
-from conftest import FIXTURE_ROWS, cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv
+from asyncrunner.sim import FaultConfig
 
 
 def rows_of(db: Path) -> list[sqlite3.Row]:

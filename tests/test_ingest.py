@@ -279,7 +279,7 @@ def test_corrupt_xlsx_is_one_line_input_error(conn: sqlite3.Connection, tmp_path
                                               content: bytes) -> None:
     path = tmp_path / "broken.xlsx"
     path.write_bytes(content)
-    with pytest.raises(InputError, match="not a readable .xlsx workbook") as err:
+    with pytest.raises(InputError, match=r"not a readable \.xlsx workbook") as err:
         ingest(conn, DataSection(), path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__
@@ -291,7 +291,7 @@ def test_zip_that_is_not_a_workbook(conn: sqlite3.Connection, tmp_path: Path) ->
     path = tmp_path / "other.xlsx"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("hello.txt", "not a workbook")
-    with pytest.raises(InputError, match="not a readable .xlsx workbook"):
+    with pytest.raises(InputError, match=r"not a readable \.xlsx workbook"):
         ingest(conn, DataSection(), path)
 
 

@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from asyncrunner.mockserver import (
+from asyncrunner.sim import (
     IPV_CUES,
     FaultConfig,
     MockServer,
@@ -60,6 +60,14 @@ async def server() -> AsyncIterator[MockServer]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=5.0, trust_env=False) as c:
         yield c
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Poll server state that has no event to wait on; give up quietly after timeout_s."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
 
 
 async def faulty(**faults: Any) -> MockServer:
@@ -252,9 +260,7 @@ async def test_hang_times_the_client_out_and_ends_when_the_client_leaves() -> No
         async with httpx.AsyncClient(timeout=0.3, trust_env=False) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await post(client, server)
-        deadline = time.monotonic() + 2
-        while server.stats().in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: not server.stats().in_flight)
         assert server.stats().in_flight == 0  # the handler noticed the client had gone
         assert server.stats().outcome("hang") == 1
     finally:
@@ -277,9 +283,7 @@ async def test_stop_is_prompt_with_hanging_requests_and_idle_connections(
     async with idle:
         assert (await idle.get(f"http://127.0.0.1:{server.port}/health")).status_code == 200
         hanging = [asyncio.create_task(post(client, server)) for _ in range(3)]
-        deadline = time.monotonic() + 2
-        while server.stats().in_flight < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: server.stats().in_flight >= 3)
         assert server.stats().in_flight == 3
         started = time.monotonic()
         await server.stop()
@@ -387,6 +391,65 @@ async def test_keep_alive_connections_are_reused(server: MockServer,
     assert server.stats().open_connections == 1
 
 
+async def test_a_pooled_client_is_seen_as_its_pool_of_connections(server: MockServer) -> None:
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(200):
+        queue.put_nowait(i)
+    codes: list[int] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            codes.append((await post(client, server, f"case {i}")).status_code)
+
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(8)))
+        stats = server.stats()
+    assert codes == [200] * 200
+    assert stats.completion_requests == 200
+    assert 1 <= stats.connections_opened <= 9
+    assert stats.peak_connections <= 9 and stats.open_connections <= stats.peak_connections
+
+
+async def test_capacity_queues_beyond_k_and_serves_in_waves(
+        client: httpx.AsyncClient) -> None:
+    async with MockServer(latency_ms=150, capacity=2) as server:
+        started = time.monotonic()
+        responses = await asyncio.gather(*(post(client, server, f"case {i}")
+                                           for i in range(6)))
+        elapsed = time.monotonic() - started
+        stats = server.stats()
+    assert [r.status_code for r in responses] == [200] * 6  # queued, never refused
+    assert 0.42 <= elapsed < 1.5  # three waves of two: throughput is capacity / latency
+    assert stats.max_queued == 4 and stats.queued == 0
+    assert stats.max_in_flight == 6 and stats.in_flight == 0
+
+
+async def test_a_queued_request_whose_client_leaves_frees_its_place(
+        client: httpx.AsyncClient) -> None:
+    async with MockServer(latency_ms=300, capacity=1) as server:
+        served = asyncio.create_task(post(client, server, "first"))
+        async with httpx.AsyncClient(timeout=0.1, trust_env=False) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await post(impatient, server, "second")
+        assert (await served).status_code == 200
+        await wait_until(lambda: not server.stats().in_flight)
+        stats = server.stats()
+        assert stats.queued == 0 and stats.in_flight == 0 and stats.max_queued == 1
+        assert stats.outcome("abandoned") == 1 and stats.outcome("ok") == 1
+        started = time.monotonic()
+        assert (await post(client, server, "third")).status_code == 200
+        assert time.monotonic() - started < 0.6  # the abandoned one holds no slot
+
+
+def test_capacity_and_max_concurrent_are_validated() -> None:
+    with pytest.raises(ValueError):
+        MockServer(capacity=0)
+    with pytest.raises(ValueError):
+        MockServer(max_concurrent=0)
+
+
 async def test_connection_close_is_honoured(server: MockServer,
                                             client: httpx.AsyncClient) -> None:
     for _ in range(2):
@@ -428,7 +491,7 @@ def test_serve_forever_rejects_unknown_options() -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_forever_runs_until_a_signal(signum: signal.Signals) -> None:
-    code = "from asyncrunner.mockserver import serve_forever; serve_forever(0, 0.0, 0.0)"
+    code = "from asyncrunner.sim import serve_forever; serve_forever(0, 0.0, 0.0, capacity=4)"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -448,4 +511,8 @@ def test_serve_forever_runs_until_a_signal(signum: signal.Signals) -> None:
             proc.communicate()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    summary = [line for line in err.splitlines() if line.startswith("mock-server stopped ")]
+    assert len(summary) == 1, err
+    assert "requests=1 completions=1 statuses=200:1 " in summary[0]
+    assert "connections_opened=1 peak_connections=1" in summary[0]
     assert POSITIVE not in out + err  # request bodies are never logged

@@ -15,13 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from asyncrunner.cli import build_parser
-from asyncrunner.mockserver import FaultConfig, MockServer
 from conftest import (
-    FIXTURE_ROWS, ROOT, cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv,
+    FIXTURE_ROWS,
+    ROOT,
+    cli_env,
+    experiment_id_from,
+    run_cli,
+    write_config,
+    write_fixture_csv,
 )
 from test_resume import cases, finish, start, wait_for_results
+
+from asyncrunner.cli import build_parser
+from asyncrunner.sim import FaultConfig, MockServer
 
 
 def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:

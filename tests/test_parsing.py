@@ -124,7 +124,7 @@ def test_confidence_out_of_range_or_non_numeric_is_error(value: Any) -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_confidence_non_finite_json_literal_is_error(literal: str) -> None:
-    assert "'confidence'" in parse_error('{"detected": true, "confidence": %s}' % literal)
+    assert "'confidence'" in parse_error(f'{{"detected": true, "confidence": {literal}}}')
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -8,23 +8,35 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from datetime import datetime, timezone
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
-from asyncrunner.errors import RefusedError
-from asyncrunner.report import (
-    ResultPoint, calibration_bins, default_report_path, parse_utc, per_minute,
-    rolling_median, write_report,
-)
-from asyncrunner.schema import connect
 from conftest import (
-    FIXTURE_ROWS, ServerThread, cli_env, experiment_id_from, run_cli, write_config,
+    FIXTURE_ROWS,
+    ServerThread,
+    cli_env,
+    experiment_id_from,
+    run_cli,
+    write_config,
     write_fixture_csv,
 )
 
+from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.report import (
+    ResultPoint,
+    calibration_bins,
+    default_report_path,
+    parse_utc,
+    per_minute,
+    rolling_median,
+    write_report,
+)
+from asyncrunner.schema import connect
+
 SENTINEL_KEY = "sk-SENTINEL-do-not-leak-4242"
+NO_MATPLOTLIB = "the HTML report needs matplotlib: pip install 'asyncrunner[report]'"
 EID = "44444444-4444-4444-8444-444444444444"
 CHROMIUM = "/usr/bin/chromium"
 
@@ -204,6 +216,64 @@ def test_rewrite_replaces_atomically(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]
 
 
+# --------------------------------------------------------------------------- no matplotlib
+
+
+def test_missing_matplotlib_is_one_usage_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = make_experiment(tmp_path / "x.db", rows=[("1", "LE", 1, 0.9, 1, None, "r")])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    try:
+        with pytest.raises(UsageError) as raised:
+            write_report(conn, EID, tmp_path / "r.html")
+    finally:
+        conn.close()
+    assert str(raised.value) == NO_MATPLOTLIB
+    assert raised.value.exit_code == 2
+    assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_no_module_imports_matplotlib_at_import_time() -> None:
+    code = (
+        "import importlib, pkgutil, sys, asyncrunner\n"
+        "for m in pkgutil.walk_packages(asyncrunner.__path__, 'asyncrunner.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] == 'matplotlib'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_cli_without_matplotlib(tmp_path: Path) -> None:
+    """A real run and `report` in processes where matplotlib cannot be imported: the run
+    finishes (exports written, the report skipped with the message), `report` fails in one
+    line with exit 2."""
+    stub = tmp_path / "no_matplotlib" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'matplotlib' (simulated)\")\n")
+    env = cli_env(PYTHONPATH=str(stub.parent), ASYNCRUNNER_TEST_KEY="k")
+    data = write_fixture_csv(tmp_path / "cases.csv")
+    db = tmp_path / "exp.db"
+    with ServerThread() as server:
+        cfg = write_config(tmp_path, data, server.url)
+        proc = run_cli("run", str(cfg), "--db", str(db), env=env)
+    assert proc.returncode == 0, proc.stderr
+    eid = experiment_id_from(proc.stdout)
+    assert NO_MATPLOTLIB in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / f"{eid}.csv").exists()
+    assert not list((tmp_path / "out").glob("*.html"))
+    report = run_cli("report", eid, "--out", str(tmp_path / "r.html"), "--db", str(db),
+                     env=env)
+    assert report.returncode == 2
+    assert report.stderr.strip().splitlines() == [f"asyncrunner: error: {NO_MATPLOTLIB}"]
+    assert not (tmp_path / "r.html").exists()
+    assert run_cli("status", eid, "--db", str(db), env=env).returncode == 0
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
@@ -232,15 +302,15 @@ def test_calibration_bins_hand_computed() -> None:
 
 def test_time_helpers() -> None:
     t = parse_utc("2026-11-23T12:00:59.123456Z")
-    assert t == datetime(2026, 11, 23, 12, 0, 59, 123456, tzinfo=timezone.utc)
-    assert parse_utc("2026-11-23T12:00:00") == datetime(2026, 11, 23, 12, tzinfo=timezone.utc)
+    assert t == datetime(2026, 11, 23, 12, 0, 59, 123456, tzinfo=UTC)
+    assert parse_utc("2026-11-23T12:00:00") == datetime(2026, 11, 23, 12, tzinfo=UTC)
     assert parse_utc("garbage") is None and parse_utc(None) is None
     times = [parse_utc(f"2026-11-23T12:0{m}:{s:02d}Z") for m, s in
              [(0, 1), (0, 59), (1, 0), (3, 30)]]
     assert per_minute(t for t in times if t) == [
-        (datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc), 2),
-        (datetime(2026, 11, 23, 12, 1, tzinfo=timezone.utc), 1),
-        (datetime(2026, 11, 23, 12, 3, tzinfo=timezone.utc), 1)]
+        (datetime(2026, 11, 23, 12, 0, tzinfo=UTC), 2),
+        (datetime(2026, 11, 23, 12, 1, tzinfo=UTC), 1),
+        (datetime(2026, 11, 23, 12, 3, tzinfo=UTC), 1)]
     assert rolling_median([5.0, 1.0, 3.0, 10.0], window=3) == [5.0, 3.0, 3.0, 3.0]
 
 

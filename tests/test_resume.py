@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from asyncrunner.mockserver import MockServer
 from conftest import ROOT, cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv
+
+from asyncrunner.sim import MockServer
 
 
 def cases(n: int) -> list[tuple[str, ...]]:
@@ -161,7 +161,7 @@ def test_second_sigint_stops_at_once(tmp_path: Path, server_factory) -> None:  #
     assert proc.poll() is None  # waiting for in-flight requests (grace period)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = finish(proc, timeout=20)
+    _out, err = finish(proc, timeout=20)
     assert time.monotonic() - started < 5
     assert proc.returncode == 130, err
     assert state(db)["experiments"][0][1] == "interrupted"  # type: ignore[index]
@@ -179,7 +179,8 @@ def test_lock_contention_between_two_processes(tmp_path: Path, slow_server: Mock
         conn.close()
         started = time.monotonic()
         second = run_cli(*resume_args(db, eid))
-        assert time.monotonic() - started < 5  # process start-up included; refusal itself is instant
+        # process start-up included; the refusal itself is instant
+        assert time.monotonic() - started < 5
         assert second.returncode == 3
         assert f"PID {first.pid}" in second.stderr
         env = cli_env(RESUME="1", EXPERIMENT_ID=eid)
@@ -237,7 +238,7 @@ def interrupted_run(tmp_path: Path, server: MockServer, n: int = 100,
 
 
 def test_checksum_mismatch_refused(tmp_path: Path, slow_server: MockServer) -> None:
-    data, cfg, db, eid = interrupted_run(tmp_path, slow_server)
+    data, _cfg, db, eid = interrupted_run(tmp_path, slow_server)
     before = state(db)
     with data.open("a") as fh:
         fh.write("99999,Edited in later.,Also edited.,0,0,0\n")
@@ -248,7 +249,7 @@ def test_checksum_mismatch_refused(tmp_path: Path, slow_server: MockServer) -> N
 
 def test_config_drift_warned_and_stored_values_used(tmp_path: Path,
                                                     slow_server: MockServer) -> None:
-    data, cfg, db, eid = interrupted_run(tmp_path, slow_server)
+    data, _cfg, db, eid = interrupted_run(tmp_path, slow_server)
     drifted = write_config(tmp_path, data, slow_server.url, name="drift.yaml", seed=7,
                            max_narratives=3)
     text = drifted.read_text().replace("temperature: 0.0", "temperature: 0.9")
@@ -268,7 +269,7 @@ def test_config_drift_warned_and_stored_values_used(tmp_path: Path,
 
 def test_retry_errors_only_changes_exactly_the_errored_rows(tmp_path: Path,
                                                             server_factory) -> None:  # type: ignore[no-untyped-def]
-    from asyncrunner.mockserver import FaultConfig
+    from asyncrunner.sim import FaultConfig
 
     flaky = server_factory(faults=FaultConfig(error_rate=0.3), seed=3)
     data = write_fixture_csv(tmp_path / "cases.csv", cases(40))
@@ -322,7 +323,7 @@ def test_retry_errors_only_without_resume_is_a_warning(tmp_path: Path,
 
 
 def test_resume_takes_backups_and_keeps_three(tmp_path: Path, slow_server: MockServer) -> None:
-    data, cfg, db, eid = interrupted_run(tmp_path, slow_server, n=300, workers=1)
+    _data, _cfg, db, eid = interrupted_run(tmp_path, slow_server, n=300, workers=1)
     for _ in range(4):
         proc = start(resume_args(db, eid))
         time.sleep(0.8)
@@ -338,25 +339,32 @@ def test_resume_takes_backups_and_keeps_three(tmp_path: Path, slow_server: MockS
 
 
 def test_resume_latest_and_cancel(tmp_path: Path, slow_server: MockServer) -> None:
-    data, cfg, db, eid = interrupted_run(tmp_path, slow_server)
+    _data, _cfg, db, eid = interrupted_run(tmp_path, slow_server)
     cancel = run_cli("cancel", eid, "--db", str(db))
     assert cancel.returncode == 0
     latest = run_cli("resume", "--latest", "--yes", "--db", str(db))
     assert latest.returncode == 3  # cancelled is not resumable without --force
     forced = run_cli("resume", eid, "--force", "--db", str(db))
     assert forced.returncode == 0, forced.stderr
-    data2, cfg2, db2, eid2 = interrupted_run(tmp_path / "b" if (tmp_path / "b").mkdir() is None
+    _data2, _cfg2, db2, eid2 = interrupted_run(tmp_path / "b" if (tmp_path / "b").mkdir() is None
                                              else tmp_path, slow_server)
     latest = run_cli("resume", "--latest", "--yes", "--db", str(db2))
     assert latest.returncode == 0, latest.stderr
     assert eid2 in latest.stdout
 
 
-def test_legacy_database_is_migrated_on_open(tmp_path: Path) -> None:
+def test_legacy_database_is_refused_read_only_then_migrated(tmp_path: Path) -> None:
+    """Read-only commands never write: an older database gets the hint to migrate, and
+    after `migrate` (which writing commands also do on open) every row is still there."""
     from test_schema import build_legacy
 
     db = tmp_path / "legacy.db"
     build_legacy(db)
+    before = db.read_bytes()
+    refused = run_cli("status", "--db", str(db))
+    assert refused.returncode == 2 and "run `asyncrunner migrate`" in refused.stderr
+    assert db.read_bytes() == before
+    assert run_cli("migrate", "--db", str(db)).returncode == 0
     proc = run_cli("status", "--db", str(db))
     assert proc.returncode == 0, proc.stderr
     conn = sqlite3.connect(db)
@@ -376,7 +384,7 @@ def test_unexpected_error_marks_failed_with_reason_and_releases_lock(
     conn.execute("ALTER TABLE narrative_results RENAME TO narrative_results_moved")
     conn.commit()
     conn.close()
-    out, err = finish(proc)
+    _out, err = finish(proc)
     assert proc.returncode == 1, err
     assert "run failed" in err and "Traceback" not in err
     conn = sqlite3.connect(db)

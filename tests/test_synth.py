@@ -11,8 +11,8 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from asyncrunner.mockserver import classify_text, find_cues
-from asyncrunner.synth import COLUMNS, generate_cases, main, write_csv, write_workbook
+from asyncrunner.sim import classify_text, find_cues
+from asyncrunner.sim.synth import COLUMNS, generate_cases, main, write_csv, write_workbook
 
 ROOT = Path(__file__).resolve().parent.parent
 YES = (1, "yes", True)
@@ -181,7 +181,7 @@ def test_cli_writes_by_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_module_entry_point(tmp_path: Path) -> None:
     out = tmp_path / "m.csv"
-    done = subprocess.run([sys.executable, "-m", "asyncrunner.synth", "--cases", "5",
+    done = subprocess.run([sys.executable, "-m", "asyncrunner.sim.synth", "--cases", "5",
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
     assert done.returncode == 0, done.stderr
@@ -196,4 +196,4 @@ def test_bundled_sample_is_small_and_current() -> None:
     assert table[0] == COLUMNS and len(table) == 151
     expected = [tuple(None if row[c] == "" else row[c] for c in COLUMNS)
                 for row in generate_cases(150, seed=7)]
-    assert table[1:] == expected  # regenerate with: python -m asyncrunner.synth --cases 150
+    assert table[1:] == expected  # regenerate with: python -m asyncrunner.sim.synth --cases 150

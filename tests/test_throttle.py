@@ -82,3 +82,41 @@ async def test_token_budget_waits_when_the_window_is_spent_and_learns_usage() ->
     with anyio.move_on_after(0.2) as scope:
         await budget.reserve(500)  # would exceed 1000 within the window
     assert scope.cancelled_caught
+
+
+def test_a_refusal_of_a_request_sent_after_the_decrease_halves_again() -> None:
+    limiter = AdaptiveLimiter(16)
+    before = time.monotonic()
+    limiter.on_slow_down(None, sent_at=before)
+    limiter.on_slow_down(None, sent_at=before)           # same round: ignored
+    assert (limiter.stats().limit, limiter.stats().decreases) == (8, 1)
+    limiter.on_slow_down(None, sent_at=time.monotonic())  # a later round
+    assert (limiter.stats().limit, limiter.stats().decreases) == (4, 2)
+
+
+def test_the_floor_can_be_raised() -> None:
+    limiter = AdaptiveLimiter(8, floor=3)
+    for _ in range(5):
+        limiter.on_slow_down(None)
+    assert limiter.stats().limit == 3
+
+
+def test_stats_show_the_common_pause_and_slots_in_use() -> None:
+    limiter = AdaptiveLimiter(4)
+    assert limiter.stats().paused_for_s == 0
+    limiter.on_slow_down(30.0)
+    limiter.on_slow_down(5.0)                            # a shorter pause never shortens it
+    assert 29 < limiter.stats().paused_for_s <= 30
+    assert limiter.stats().ceiling == 4 and limiter.stats().in_flight == 0
+
+
+async def test_a_request_cancelled_during_the_pause_gives_back_its_slot() -> None:
+    """BUG: acquire() takes a slot, then waits out the pause; cancelled there, its
+    `except BaseException: await self.release()` runs inside the cancelled scope, and
+    release() raises at once when it takes the condition's lock, so the slot is never
+    returned (in_flight stays 1; with ceiling 1 the next acquire() would wait forever)."""
+    limiter = AdaptiveLimiter(1)
+    limiter.on_slow_down(10.0)
+    with anyio.move_on_after(0.05):
+        await limiter.acquire()
+    assert limiter.stats().in_flight == 0

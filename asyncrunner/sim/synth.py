@@ -248,7 +248,8 @@ def _blank_some_narratives(rng: random.Random, rows: list[Row],
                            truth: list[tuple[int, int]]) -> None:
     # Only negative narratives are blanked, so no positive label ever points at empty text.
     slots = [(i, column) for i, flags in enumerate(truth)
-             for column, flag in zip(("NarrativeLE", "NarrativeCME"), flags) if not flag]
+             for column, flag in zip(("NarrativeLE", "NarrativeCME"), flags, strict=True)
+             if not flag]
     count = min(len(slots), round(2 * len(rows) * BLANK_NARRATIVE_SHARE))
     for i, column in rng.sample(slots, count):
         rows[i][column] = rng.choice((None, "", "   "))  # empty cell, empty text, whitespace
@@ -322,7 +323,7 @@ def write_csv(path: str | Path, n_cases: int, seed: int = 7) -> Summary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m asyncrunner.synth",
+        prog="python -m asyncrunner.sim.synth",
         description="Write synthetic LE/CME narratives with manual IPV flags (no real data).")
     parser.add_argument("--cases", type=int, required=True, help="number of rows to write")
     parser.add_argument("--out", type=Path, required=True, help="output file, .xlsx or .csv")

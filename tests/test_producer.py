@@ -1,0 +1,178 @@
+"""produce() in-process against a real SQLite file: narrative_id order across pages, the
+anti-join on stored results, the cutoff, retry-errors-only, closing the stream, and leaving
+cleanly (no open connection, no read transaction) however the consumer ends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import ObjectReceiveStream
+from pipeline_helpers import (
+    CHECKSUM,
+    EXPERIMENT_ID,
+    NARRATIVE_TYPE,
+    add_narratives,
+    add_result_rows,
+    aiosqlite_threads,
+    incident,
+    open_database,
+    query,
+)
+
+from asyncrunner.messages import Narrative
+from asyncrunner.producer import WorkSelection, produce
+from asyncrunner.schema import connect
+
+Consume = Callable[[ObjectReceiveStream[Narrative]], Awaitable[list[Narrative]]]
+
+
+def selection(*, cutoff: int | None = None, retry: bool = False) -> WorkSelection:
+    return WorkSelection(experiment_id=EXPERIMENT_ID, checksum=CHECKSUM, cutoff=cutoff,
+                         retry_errors_only=retry)
+
+
+async def drain(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
+    async with recv:
+        return [n async for n in recv]
+
+
+async def run_producer(path: Path, work: WorkSelection, consume: Consume = drain, *,
+                       page_size: int = 3) -> list[Narrative]:
+    """produce() into an unbuffered stream (as in the pipeline), consumed by `consume`."""
+    send, recv = anyio.create_memory_object_stream[Narrative]()
+    received: list[Narrative] = []
+
+    async def consumer() -> None:
+        received.extend(await consume(recv))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer)
+            await produce(path, work, send, page_size=page_size)
+    return received
+
+
+def narrative_id(path: Path, i: int) -> int:
+    [row] = query(path, "SELECT narrative_id FROM source_narratives WHERE incident_id = ? "
+                        "AND data_checksum = ?", (incident(i), CHECKSUM))
+    return int(row[0])
+
+
+def numbers(narratives: list[Narrative]) -> list[int]:
+    return [int(n.incident_id.split("-")[1]) for n in narratives]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Path]:
+    """Ten narratives of this data set (incidents 0..9) interleaved with another file's."""
+    with open_database(tmp_path) as path:
+        add_narratives(path, [pair for i in range(10)
+                              for pair in ((i, CHECKSUM), (100 + i, "another-file"))])
+        yield path
+
+
+async def test_every_narrative_in_id_order_across_pages(db: Path) -> None:
+    got = await run_producer(db, selection(), page_size=3)
+    assert numbers(got) == list(range(10))
+    ids = [n.narrative_id for n in got]
+    assert ids == sorted(ids)
+    first = got[0]
+    assert (first.narrative_type, first.text) == (NARRATIVE_TYPE, "narrative text 0")
+    assert (first.manual_flag_ind, first.manual_flag) == (0, 0)
+    assert (got[1].manual_flag_ind, got[1].manual_flag) == (1, 1)
+    assert aiosqlite_threads() == []
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 10, 256])
+async def test_page_size_changes_nothing_but_the_reads(db: Path, page_size: int) -> None:
+    add_result_rows(db, [2, 3, 7])
+    got = await run_producer(db, selection(), page_size=page_size)
+    assert numbers(got) == [0, 1, 4, 5, 6, 8, 9]
+
+
+async def test_narratives_with_a_result_of_this_experiment_are_skipped(db: Path) -> None:
+    add_result_rows(db, [0, 4, 5])
+    add_result_rows(db, [1, 6], error=True)               # an error row is a stored result too
+    add_result_rows(db, [2, 3], experiment_id="other")    # another experiment's results
+    got = await run_producer(db, selection())
+    assert numbers(got) == [2, 3, 7, 8, 9]
+
+
+async def test_the_cutoff_ends_the_set(db: Path) -> None:
+    got = await run_producer(db, selection(cutoff=narrative_id(db, 4)))
+    assert numbers(got) == [0, 1, 2, 3, 4]
+
+
+async def test_retry_errors_only_selects_this_experiments_errored_results(db: Path) -> None:
+    add_result_rows(db, [1, 5, 8], error=True)
+    add_result_rows(db, [2, 3])
+    add_result_rows(db, [4], experiment_id="other", error=True)
+    got = await run_producer(db, selection(retry=True))
+    assert numbers(got) == [1, 5, 8]
+    assert numbers(await run_producer(db, selection(retry=True, cutoff=narrative_id(db, 3)))) == [1]
+
+
+async def test_each_page_is_a_fresh_read(db: Path) -> None:
+    """Results stored while the producer runs remove narratives from the pages still to come,
+    and no read transaction is held in between: a full WAL checkpoint succeeds."""
+    checkpoints: list[int] = []
+
+    async def consume(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
+        async with recv:
+            first = await recv.receive()            # page 1 (0, 1, 2) has been read
+            add_result_rows(db, [2, 7])             # 2 is in the page read, 7 is not
+            with closing(connect(db)) as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                checkpoints.append(busy)
+            return [first, *[n async for n in recv]]
+
+    got = await run_producer(db, selection(), consume, page_size=3)
+    assert numbers(got) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert checkpoints == [0]                      # busy = 0: no reader pins the WAL
+
+
+async def test_nothing_to_do_closes_the_stream_at_once(db: Path) -> None:
+    add_result_rows(db, range(10))
+    assert await run_producer(db, selection()) == []
+    assert await run_producer(db, selection(retry=True)) == []
+
+
+async def test_the_consumer_sees_end_of_stream(db: Path) -> None:
+    send, recv = anyio.create_memory_object_stream[Narrative](20)
+    with anyio.fail_after(5):
+        await produce(db, selection(cutoff=None), send, page_size=4)
+    with recv:
+        assert len([recv.receive_nowait() for _ in range(10)]) == 10
+        with pytest.raises(anyio.EndOfStream):
+            recv.receive_nowait()
+    with pytest.raises(anyio.ClosedResourceError):
+        send.send_nowait(Narrative(0, "x", "t", "", None, None))
+    assert aiosqlite_threads() == []
+
+
+async def test_cancelled_while_waiting_for_a_consumer_leaves_cleanly(db: Path) -> None:
+    send, recv = anyio.create_memory_object_stream[Narrative]()
+    with recv:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce, db, selection(), send)
+                assert (await recv.receive()).incident_id == incident(0)
+                await anyio.wait_all_tasks_blocked()   # the producer waits on its next send
+                tg.cancel_scope.cancel()
+        with pytest.raises(anyio.EndOfStream):
+            recv.receive_nowait()                      # the send end was closed
+    assert aiosqlite_threads() == []
+
+
+async def test_a_consumer_that_stops_early_does_not_leave_the_producer_hanging(db: Path) -> None:
+    async def take_two(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
+        async with recv:
+            return [await recv.receive(), await recv.receive()]
+
+    with pytest.RaisesGroup(anyio.BrokenResourceError):   # produce() raises, it does not hang
+        await run_producer(db, selection(), take_two)
+    assert aiosqlite_threads() == []

@@ -1,0 +1,259 @@
+"""Workers in-process, the LLM behind httpx.MockTransport: one narrative -> exactly one
+Result (answer, parse error or request failure), the prompt as sent, no narrative text in
+results or logs, and no Result for a cancelled request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import structlog
+from pipeline_helpers import incident, make_narrative
+from structlog.testing import capture_logs
+
+from asyncrunner.client import ClientSettings, Completion, LLMClient, RequestFailure
+from asyncrunner.messages import Narrative, Result
+from asyncrunner.throttle import AdaptiveLimiter
+from asyncrunner.vocab import ErrorCategory
+from asyncrunner.workers import Prompt, classify, to_result, worker
+
+SECRET = "SENTINEL-NARRATIVE-7f3a: he choked her in the car"
+PROMPT = Prompt(system_prompt="You classify narratives.",
+                user_template="Narrative:\n<<TEXT>>\nAnswer in JSON. (<<TEXT>>)")
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+ANSWER = json.dumps({"detected": True, "confidence": 0.8, "indicators": ["threat"],
+                     "rationale": "a threat is described"})
+
+
+def answer_response(content: str | None = ANSWER, *,
+                    finish_reason: str | None = "stop") -> httpx.Response:
+    return httpx.Response(200, json={
+        "choices": [{"message": {"role": "assistant", "content": content},
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7},
+    })
+
+
+@asynccontextmanager
+async def llm_client(handler: Handler, *, ceiling: int = 4) -> AsyncIterator[LLMClient]:
+    """An LLMClient whose only fake part is the transport."""
+    settings = ClientSettings(api_url="http://llm.test/v1", model="m", temperature=0.0,
+                              max_tokens=64, timeout_s=5, max_attempts=3, backoff_base_s=0.0)
+    transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport) as http:
+        yield LLMClient(settings, http, AdaptiveLimiter(ceiling))
+
+
+def always(response: httpx.Response | Exception) -> tuple[Handler, list[httpx.Request]]:
+    """A handler giving the same answer (or raising the same error) every time, and its log."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if isinstance(response, Exception):
+            raise response
+        return response
+    return handler, seen
+
+
+async def classify_one(handler: Handler, narrative: Narrative | None = None,
+                       ) -> tuple[Result, list[MutableMapping[str, Any]]]:
+    """classify() one narrative; also return the structlog events it emitted."""
+    async with llm_client(handler) as client:
+        # merge_contextvars as in logs.configure: classify binds the narrative's key there
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+            result = await classify(client, PROMPT, narrative or make_narrative(3, text=SECRET))
+    return result, events
+
+
+def assert_no_text(result: Result, events: list[MutableMapping[str, Any]]) -> None:
+    assert "text" not in {f.name for f in dataclasses.fields(Result)}
+    assert SECRET not in repr(result)
+    assert SECRET not in repr(events) and "choked" not in repr(events)
+
+
+def assert_identifies(result: Result, n: Narrative) -> None:
+    assert (result.narrative_id, result.incident_id, result.narrative_type) == (
+        n.narrative_id, n.incident_id, n.narrative_type)
+    assert (result.manual_flag_ind, result.manual_flag) == (n.manual_flag_ind, n.manual_flag)
+    assert result.processed_at.endswith("Z")
+
+
+# --- classify: one narrative, one result ---------------------------------------------------
+
+
+async def test_an_answer_becomes_a_result_with_the_parsed_fields() -> None:
+    response = answer_response()
+    handler, seen = always(response)
+    n = make_narrative(5, text=SECRET)
+    result, events = await classify_one(handler, n)
+    assert len(seen) == 1
+    assert_identifies(result, n)
+    assert (result.detected, result.confidence) == (1, 0.8)
+    assert result.rationale == "a threat is described"
+    assert json.loads(result.indicators or "") == ["threat"]
+    assert (result.error_category, result.error_message, result.error_occurred) == (None, None, 0)
+    assert (result.prompt_tokens, result.completion_tokens, result.attempt_count) == (11, 7, 1)
+    assert result.raw_response == response.text
+    assert result.response_sec is not None and result.response_sec >= 0
+    assert events == []                      # a success logs nothing per narrative
+
+
+async def test_the_prompt_is_rendered_into_the_request() -> None:
+    handler, seen = always(answer_response())
+    await classify_one(handler)
+    messages = json.loads(seen[0].content)["messages"]
+    assert messages == [
+        {"role": "system", "content": "You classify narratives."},
+        {"role": "user", "content": f"Narrative:\n{SECRET}\nAnswer in JSON. ({SECRET})"},
+    ]
+    assert PROMPT.render("x") == "Narrative:\nx\nAnswer in JSON. (x)"
+    assert Prompt("s", "no placeholder").render("x") == "no placeholder"
+
+
+@pytest.mark.parametrize(("content", "finish_reason"), [
+    ("I believe this narrative describes abuse.", "stop"),
+    ('{"detected": "maybe"}', "stop"),
+    ('{"detected": true, "confid', "length"),
+    (None, "stop"),
+])
+async def test_an_unparseable_answer_is_a_parse_error_row_keeping_the_raw_response(
+        content: str | None, finish_reason: str) -> None:
+    response = answer_response(content, finish_reason=finish_reason)
+    handler, seen = always(response)
+    result, events = await classify_one(handler)
+    assert len(seen) == 1                    # a parse error is not retried
+    assert (result.error_category, result.error_occurred) == ("parse_error", 1)
+    assert result.error_message and "\n" not in result.error_message
+    assert result.raw_response == response.text
+    assert (result.detected, result.confidence, result.indicators) == (None, None, None)
+    assert (result.prompt_tokens, result.completion_tokens) == (11, 7)
+    assert [e["event"] for e in events] == ["narrative_error"]
+    assert events[0]["category"] == "parse_error" and events[0]["incident_id"] == incident(3)
+    assert_no_text(result, events)
+
+
+@pytest.mark.parametrize(("response", "category", "attempts", "status"), [
+    (httpx.Response(500, text="upstream exploded"), "api_error", 3, 500),
+    (httpx.Response(429, text="slow down"), "rate_limit", 3, 429),
+    (httpx.Response(401, json={"error": {"message": "bad key"}}), "api_error", 1, 401),
+    (httpx.Response(400, json={"error": {"message": "maximum context length exceeded"}}),
+     "data_error", 1, 400),
+    (httpx.ReadTimeout("slow"), "timeout", 3, None),
+])
+async def test_a_request_failure_is_an_error_row_with_its_category_and_attempts(
+        response: httpx.Response | Exception, category: str, attempts: int,
+        status: int | None) -> None:
+    handler, seen = always(response)
+    n = make_narrative(8, text=SECRET)
+    result, events = await classify_one(handler, n)
+    assert len(seen) == attempts
+    assert_identifies(result, n)
+    assert (result.error_category, result.attempt_count, result.error_occurred) == (
+        category, attempts, 1)
+    assert result.error_message and result.detected is None
+    if isinstance(response, httpx.Response):
+        assert result.raw_response == response.text
+        assert str(status) in result.error_message
+    error = [e for e in events if e["event"] == "narrative_error"]
+    assert len(error) == 1 and error[0]["status"] == status and error[0]["attempts"] == attempts
+    assert [e["event"] for e in events].count("retry") == attempts - 1
+    assert all(e["incident_id"] == incident(8) for e in events)
+    assert_no_text(result, events)
+
+
+def test_to_result_maps_a_failure_and_a_completion() -> None:
+    n = make_narrative(2)
+    failed = to_result(n, RequestFailure(ErrorCategory.TIMEOUT, "no response within 5s", 12.5, 4,
+                                         retryable=True, status=None, raw=None))
+    assert (failed.error_category, failed.error_message, failed.attempt_count) == (
+        "timeout", "no response within 5s", 4)
+    assert (failed.response_sec, failed.raw_response, failed.prompt_tokens) == (12.5, None, None)
+    done = to_result(n, Completion('{"detected": "no", "confidence": "80%"}', "stop", None, 3,
+                                   0.5, 2, "raw body"))
+    assert (done.detected, done.confidence, done.indicators, done.rationale) == (0, 0.8, "[]", None)
+    assert (done.attempt_count, done.raw_response, done.completion_tokens) == (2, "raw body", 3)
+    assert_identifies(done, n)
+
+
+# --- worker: the stream loop ---------------------------------------------------------------
+
+
+async def run_workers(client: LLMClient, narratives: list[Narrative], workers: int) -> list[Result]:
+    n_send, n_recv = anyio.create_memory_object_stream[Narrative]()
+    r_send, r_recv = anyio.create_memory_object_stream[Result](len(narratives))
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with n_recv, r_send:
+                for _ in range(workers):
+                    tg.start_soon(worker, client, PROMPT, n_recv.clone(), r_send.clone())
+            async with n_send:
+                for n in narratives:
+                    await n_send.send(n)
+    async with r_recv:
+        return [r async for r in r_recv]     # ends: every worker closed its results clone
+
+
+async def test_workers_turn_each_narrative_into_exactly_one_result() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        user = json.loads(request.content)["messages"][1]["content"]
+        if "#3" in user:
+            return httpx.Response(401, text="no")
+        return answer_response("nonsense" if "#5" in user else ANSWER)
+
+    narratives = [make_narrative(i, text=f"narrative #{i}") for i in range(12)]
+    async with llm_client(handler) as client:
+        results = await run_workers(client, narratives, workers=4)
+    assert sorted(r.narrative_id for r in results) == list(range(12))
+    by_id = {r.narrative_id: r for r in results}
+    assert by_id[3].error_category == "api_error" and by_id[5].error_category == "parse_error"
+    assert sum(r.error_occurred for r in results) == 2
+    assert client.limiter.stats().in_flight == 0
+
+
+def hanging(started: anyio.Event) -> Handler:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+    return handler
+
+
+async def cancel_in_flight(client: LLMClient, started: anyio.Event) -> list[Result]:
+    """One worker, one narrative; cancel the worker while its request is in flight. Return
+    what reached the results stream (draining it ends at once: the worker closed its end)."""
+    n_send, n_recv = anyio.create_memory_object_stream[Narrative](1)
+    r_send, r_recv = anyio.create_memory_object_stream[Result](1)
+    with anyio.fail_after(5), n_send:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, client, PROMPT, n_recv, r_send)
+            await n_send.send(make_narrative(1))
+            await started.wait()
+            tg.cancel_scope.cancel()
+    with anyio.fail_after(1):
+        async with r_recv:
+            return [r async for r in r_recv]
+
+
+async def test_a_cancelled_request_yields_no_result() -> None:
+    started = anyio.Event()
+    async with llm_client(hanging(started)) as client:
+        assert await cancel_in_flight(client, started) == []
+
+
+async def test_a_cancelled_request_gives_back_its_concurrency_slot() -> None:
+    """BUG: LLMClient._attempt returns the limiter slot in `finally: await limiter.release()`,
+    but release() first takes the limiter's condition lock, and taking a lock inside a
+    cancelled scope raises at once, so in_flight is never decremented: every cancelled request
+    leaks a slot. Latent today (the runner cancels all workers at once and builds a new limiter
+    per run), but any limiter that outlives one cancelled request loses capacity for good."""
+    started = anyio.Event()
+    async with llm_client(hanging(started), ceiling=2) as client:
+        await cancel_in_flight(client, started)
+    assert client.limiter.stats().in_flight == 0
