@@ -1,3 +1,3 @@
-from .cli import main
+from asyncrunner.cli import main
 
 raise SystemExit(main())

@@ -17,11 +17,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from . import __version__, experiments, logs, refusals, status, store
-from .config import DEFAULT_DB
-from .errors import AsyncRunnerError, Stopped, UsageError
-from .ids import require_uuid
-from .schema import connect, connect_existing, connect_readonly, migrate_existing
+from asyncrunner import __version__, logs, refusals
+from asyncrunner.config import DEFAULT_DB
+from asyncrunner.db import experiments, store
+from asyncrunner.db.schema import connect, connect_existing, connect_readonly, migrate_existing
+from asyncrunner.errors import AsyncRunnerError, Stopped, UsageError
+from asyncrunner.ids import require_uuid
+from asyncrunner.results import status
 
 
 def db_path(args: argparse.Namespace) -> Path:
@@ -56,8 +58,8 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .progress_view import ProgressView
-    from .session import execute, request_from_env
+    from asyncrunner.progress_view import ProgressView
+    from asyncrunner.session import execute, request_from_env
 
     req = request_from_env(
         db_path(args), args.config, _run_overrides(args), resume=args.resume,
@@ -127,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .finalize import export
+    from asyncrunner.results.finalize import export
 
     experiment_id = require_uuid(args.experiment_id)
     conn = _existing_db(args)
@@ -143,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import default_report_path, write_report
+    from asyncrunner.results.report import default_report_path, write_report
 
     experiment_id = require_uuid(args.experiment_id)
     conn = _existing_db(args)
@@ -161,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, render_text, to_json
+    from asyncrunner.results.compare import compare, render_text, to_json
 
     first, second = require_uuid(args.first), require_uuid(args.second)
     conn = _existing_db(args)
@@ -206,7 +208,7 @@ MOCK_FAULT_FLAGS = {
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
-    from .sim import serve_forever
+    from asyncrunner.sim import serve_forever
 
     faults = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
               for flag in MOCK_FAULT_FLAGS}

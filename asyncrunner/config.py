@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from asyncrunner.errors import ConfigError
 
 TEXT_PLACEHOLDER = "<<TEXT>>"
 DEFAULT_DB = "data/experiments.db"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from .errors import RefusedError
+from asyncrunner.errors import RefusedError
 
 
 def new_experiment_id() -> str:

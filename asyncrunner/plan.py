@@ -23,14 +23,22 @@ from typing import Any
 
 import structlog
 
-from . import refusals, store
-from .config import Config, build_config, config_from_dict, env_flag, load_config, resolve_data_path
-from .errors import InputError
-from .experiments import config_drift, require_resumable
-from .ids import new_experiment_id, require_uuid
-from .ingest import IngestReport, file_checksum, ingest
-from .producer import WorkSelection
-from .vocab import Status
+from asyncrunner import refusals
+from asyncrunner.config import (
+    Config,
+    build_config,
+    config_from_dict,
+    env_flag,
+    load_config,
+    resolve_data_path,
+)
+from asyncrunner.db import store
+from asyncrunner.db.experiments import config_drift, require_resumable
+from asyncrunner.db.ingest import IngestReport, file_checksum, ingest
+from asyncrunner.errors import InputError
+from asyncrunner.ids import new_experiment_id, require_uuid
+from asyncrunner.pipeline.producer import WorkSelection
+from asyncrunner.vocab import Status
 
 log = structlog.get_logger("asyncrunner.plan")
 

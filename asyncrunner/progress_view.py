@@ -13,7 +13,7 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from .progress import Snapshot, progress_line
+from asyncrunner.pipeline.progress import Snapshot, progress_line
 
 
 class ProgressView:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import RefusedError
+from asyncrunner.errors import RefusedError
 
 
 def no_experiment(experiment_id: str, db_path: str | Path | None = None) -> RefusedError:

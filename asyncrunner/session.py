@@ -28,19 +28,20 @@ import anyio
 import httpx
 import structlog
 
-from . import backup, experiments, logs, store
-from .client import ClientSettings, make_http_client, normalize_api_url, redact_url
-from .config import Config
-from .errors import AsyncRunnerError, RunFailed, Stopped
-from .finalize import finalize
-from .locks import ExperimentLock
-from .plan import Intent, RunPlan, RunRequest, complete, draft, request_from_env
-from .progress import Snapshot
-from .runner import PipelineOutcome, PipelineSpec, run_pipeline
-from .schema import connect
-from .vocab import Status
-from .workers import Prompt
-from .writer import WriterSettings
+from asyncrunner import logs
+from asyncrunner.config import Config
+from asyncrunner.db import backup, experiments, store
+from asyncrunner.db.locks import ExperimentLock
+from asyncrunner.db.schema import connect
+from asyncrunner.errors import AsyncRunnerError, RunFailed, Stopped
+from asyncrunner.llm.client import ClientSettings, make_http_client, normalize_api_url, redact_url
+from asyncrunner.pipeline.progress import Snapshot
+from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
+from asyncrunner.pipeline.workers import Prompt
+from asyncrunner.pipeline.writer import WriterSettings
+from asyncrunner.plan import Intent, RunPlan, RunRequest, complete, draft, request_from_env
+from asyncrunner.results.finalize import finalize
+from asyncrunner.vocab import Status
 
 log = structlog.get_logger("asyncrunner.session")
 
@@ -189,7 +190,7 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
     """Bring up the HTTP side (and the simulator for `provider: mock`), run the pipeline."""
     async with AsyncExitStack() as stack:
         if plan.config.model.provider == "mock" and transport is None:
-            from .sim import MockServer
+            from asyncrunner.sim import MockServer
 
             server = await stack.enter_async_context(
                 MockServer(latency_ms=0.0, model=spec.client.model))
@@ -259,7 +260,7 @@ def _end_failed(conn: sqlite3.Connection, experiment_id: str, reason: str) -> No
 def _write_report(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> str | None:
     """The HTML report is a convenience: if it cannot be drawn the run has still finished."""
     try:
-        from .report import default_report_path, write_report
+        from asyncrunner.results.report import default_report_path, write_report
 
         out = default_report_path(output_dir, experiment_id)
         return str(write_report(conn, experiment_id, out))

@@ -6,10 +6,10 @@ import json
 import sys
 
 FLOORS = {
-    "asyncrunner/runner.py": 90.0,
-    "asyncrunner/writer.py": 90.0,
-    "asyncrunner/producer.py": 90.0,
-    "asyncrunner/workers.py": 90.0,
+    "asyncrunner/pipeline/runner.py": 90.0,
+    "asyncrunner/pipeline/writer.py": 90.0,
+    "asyncrunner/pipeline/producer.py": 90.0,
+    "asyncrunner/pipeline/workers.py": 90.0,
     "asyncrunner/session.py": 90.0,
 }
 
@@ -25,7 +25,8 @@ def main(path: str) -> int:
     for name, floor in FLOORS.items():
         entry = files.get(name)
         if entry is None:
-            continue  # a subset of the suite was run
+            low.append(f"{name} not measured (moved or renamed? update {__file__})")
+            continue
         pct = float(entry["summary"]["percent_covered"])
         if pct < floor:
             low.append(f"{name} {pct:.1f} % < {floor:.0f} %")

@@ -1,6 +1,6 @@
 """Shared building blocks for the in-process pipeline-stage tests.
 
-A real SQLite file (schema from `asyncrunner.schema.connect`), rows written with plain SQL,
+A real SQLite file (schema from `asyncrunner.db.schema.connect`), rows written with plain SQL,
 and message factories. Nothing of the package itself is patched.
 """
 
@@ -13,8 +13,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from asyncrunner.messages import Narrative, Result
-from asyncrunner.schema import connect
+from asyncrunner.db.schema import connect
+from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.vocab import ErrorCategory
 
 EXPERIMENT_ID = "exp-a"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from asyncrunner import backup
+from asyncrunner.db import backup
+from asyncrunner.db.schema import connect
 from asyncrunner.errors import RefusedError
-from asyncrunner.schema import connect
 
 
 def test_backup_of_a_wal_database_holds_uncheckpointed_commits(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_refuses_when_the_disk_is_too_small(tmp_path: Path,
     def tiny(path: Any) -> Any:  # the one boundary a test cannot fill for real
         return usage._replace(free=10 * 1024 * 1024)
 
-    monkeypatch.setattr("asyncrunner.backup.shutil.disk_usage", tiny)
+    monkeypatch.setattr("asyncrunner.db.backup.shutil.disk_usage", tiny)
     with pytest.raises(RefusedError, match=r"10 MiB free, \d+ MiB needed"):
         backup.check_disk(db, remaining=40_000, with_backup=True)
 

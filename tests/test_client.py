@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from asyncrunner.client import (
+from asyncrunner.llm.client import (
     ClientSettings,
     Completion,
     LLMClient,
@@ -24,7 +24,7 @@ from asyncrunner.client import (
     parse_retry_after,
     redact_url,
 )
-from asyncrunner.throttle import AdaptiveLimiter, TokenBudget
+from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
 
 OK_BODY = {"choices": [{"message": {"content": '{"detected": true}'}, "finish_reason": "stop"}],
            "usage": {"prompt_tokens": 11, "completion_tokens": 7}}

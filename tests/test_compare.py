@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv
 
-from asyncrunner.compare import Comparison, compare, render_text, to_json
+from asyncrunner.db.schema import connect
 from asyncrunner.errors import RefusedError, UsageError
-from asyncrunner.metrics import (
+from asyncrunner.results.compare import Comparison, compare, render_text, to_json
+from asyncrunner.results.metrics import (
     METHOD_CHI2,
     METHOD_EXACT,
     cohen_kappa,
@@ -23,7 +24,6 @@ from asyncrunner.metrics import (
     mcnemar_exact,
     metrics_report,
 )
-from asyncrunner.schema import connect
 from asyncrunner.sim import MockServer
 
 ID1 = "11111111-1111-4111-8111-111111111111"

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from openpyxl import Workbook
 
-from asyncrunner import ingest as ingest_mod
 from asyncrunner.config import DataSection
+from asyncrunner.db import ingest as ingest_mod
+from asyncrunner.db.ingest import IngestReport, file_checksum, ingest, mapping_json
+from asyncrunner.db.schema import connect
 from asyncrunner.errors import InputError
-from asyncrunner.ingest import IngestReport, file_checksum, ingest, mapping_json
-from asyncrunner.schema import connect
 
 HEADER = ["IncidentID", "NarrativeLE", "NarrativeCME", "ManualFlagLE", "ManualFlagCME",
           "ManualFlag"]

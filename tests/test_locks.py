@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from asyncrunner.db.locks import ExperimentLock, lock_path, probe
 from asyncrunner.errors import RefusedError
 from asyncrunner.ids import new_experiment_id, require_uuid
-from asyncrunner.locks import ExperimentLock, lock_path, probe
 
 HOLD = """
 import sys, time
-from asyncrunner.locks import ExperimentLock
+from asyncrunner.db.locks import ExperimentLock
 lock = ExperimentLock(sys.argv[1], sys.argv[2]).acquire()
 print("held", flush=True)
 time.sleep(60)

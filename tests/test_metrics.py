@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from asyncrunner import status
-from asyncrunner.finalize import finalize
-from asyncrunner.metrics import (
+from asyncrunner.db.schema import connect
+from asyncrunner.results import status
+from asyncrunner.results.finalize import finalize
+from asyncrunner.results.metrics import (
     EXACT_BELOW,
     METHOD_CHI2,
     METHOD_EXACT,
@@ -28,7 +29,6 @@ from asyncrunner.metrics import (
     paired_counts,
     wilson_interval,
 )
-from asyncrunner.schema import connect
 
 EID = "55555555-5555-4555-8555-555555555555"
 OTHER = "66666666-6666-4666-8666-666666666666"

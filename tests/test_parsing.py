@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asyncrunner.parsing import Answer, AnswerParseError, parse_answer
+from asyncrunner.llm.parsing import Answer, AnswerParseError, parse_answer
 
 FULL = '{"detected": true, "confidence": 0.9, "indicators": ["a", "b"], "rationale": "r"}'
 FULL_ANSWER = Answer(detected=True, confidence=0.9, indicators=("a", "b"), rationale="r")

@@ -23,9 +23,9 @@ from pipeline_helpers import (
     query,
 )
 
-from asyncrunner.messages import Narrative
-from asyncrunner.producer import WorkSelection, produce
-from asyncrunner.schema import connect
+from asyncrunner.db.schema import connect
+from asyncrunner.pipeline.messages import Narrative
+from asyncrunner.pipeline.producer import WorkSelection, produce
 
 Consume = Callable[[ObjectReceiveStream[Narrative]], Awaitable[list[Narrative]]]
 

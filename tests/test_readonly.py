@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from test_schema import LEGACY_DDL, build_at_version
 
-from asyncrunner.schema import SCHEMA_VERSION, connect
+from asyncrunner.db.schema import SCHEMA_VERSION, connect
 
 ID1 = "11111111-1111-4111-8111-111111111111"
 ID2 = "22222222-2222-4222-8222-222222222222"

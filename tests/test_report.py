@@ -23,8 +23,9 @@ from conftest import (
     write_fixture_csv,
 )
 
+from asyncrunner.db.schema import connect
 from asyncrunner.errors import RefusedError, UsageError
-from asyncrunner.report import (
+from asyncrunner.results.report import (
     ResultPoint,
     calibration_bins,
     default_report_path,
@@ -33,7 +34,6 @@ from asyncrunner.report import (
     rolling_median,
     write_report,
 )
-from asyncrunner.schema import connect
 
 SENTINEL_KEY = "sk-SENTINEL-do-not-leak-4242"
 NO_MATPLOTLIB = "the HTML report needs matplotlib: pip install 'asyncrunner[report]'"

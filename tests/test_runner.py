@@ -16,16 +16,16 @@ import pytest
 from conftest import write_fixture_csv
 from fake_llm import FakeLLM, experiment_row, result_keys
 
-from asyncrunner import experiments
-from asyncrunner.client import ClientSettings
 from asyncrunner.config import build_config
-from asyncrunner.ingest import ingest
-from asyncrunner.producer import WorkSelection
-from asyncrunner.progress import Snapshot
-from asyncrunner.runner import PipelineOutcome, PipelineSpec, StopControl, run_pipeline
-from asyncrunner.schema import connect
-from asyncrunner.workers import Prompt
-from asyncrunner.writer import WriterSettings
+from asyncrunner.db import experiments
+from asyncrunner.db.ingest import ingest
+from asyncrunner.db.schema import connect
+from asyncrunner.llm.client import ClientSettings
+from asyncrunner.pipeline.producer import WorkSelection
+from asyncrunner.pipeline.progress import Snapshot
+from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, StopControl, run_pipeline
+from asyncrunner.pipeline.workers import Prompt
+from asyncrunner.pipeline.writer import WriterSettings
 
 EXPERIMENT = "6f1c1d2e-0000-4000-8000-000000000001"
 WORKERS = 4

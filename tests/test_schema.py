@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from asyncrunner import schema
-from asyncrunner.schema import SCHEMA_VERSION, TABLES, connect, migrate
+from asyncrunner.db import schema
+from asyncrunner.db.schema import SCHEMA_VERSION, TABLES, connect, migrate
 
 # The schema the earlier R version wrote (design documents): no checksum, no progress
 # columns, no attempt tracking, and no unique index on results, so duplicates could pile

@@ -22,11 +22,12 @@ from conftest import write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row, result_keys
 from test_runner import cases
 
-from asyncrunner import experiments, logs
+from asyncrunner import logs
+from asyncrunner.db import experiments
+from asyncrunner.db.locks import lock_path
+from asyncrunner.db.schema import connect
 from asyncrunner.errors import InputError, RefusedError, RunFailed, Stopped, UsageError
-from asyncrunner.locks import lock_path
 from asyncrunner.plan import RunRequest, request_from_env
-from asyncrunner.schema import connect
 from asyncrunner.session import RunSummary, execute
 from asyncrunner.vocab import Status
 

@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 
-from asyncrunner.throttle import AdaptiveLimiter
+from asyncrunner.llm.throttle import AdaptiveLimiter
 
 
 def test_one_round_of_refusals_is_one_decrease_and_recovers_to_ceiling() -> None:
@@ -69,7 +69,7 @@ async def test_requests_per_minute_paces() -> None:
 
 
 async def test_token_budget_waits_when_the_window_is_spent_and_learns_usage() -> None:
-    from asyncrunner.throttle import TokenBudget
+    from asyncrunner.llm.throttle import TokenBudget
 
     budget = TokenBudget(tokens_per_minute=1000, max_completion_tokens=100)
     assert budget.estimate(400) == 400 / 4 + 50

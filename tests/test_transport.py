@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from asyncrunner.client import (
+from asyncrunner.llm.client import (
     ClientSettings,
     Completion,
     HttpSession,
@@ -20,9 +20,9 @@ from asyncrunner.client import (
     _body_text,
     make_http_client,
 )
+from asyncrunner.llm.throttle import AdaptiveLimiter
+from asyncrunner.llm.transport import AiohttpTransport
 from asyncrunner.sim import FaultConfig, MockServer
-from asyncrunner.throttle import AdaptiveLimiter
-from asyncrunner.transport import AiohttpTransport
 
 TEXT = "Narrative:\nAfter an argument with her boyfriend the decedent was found at home."
 

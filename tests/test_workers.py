@@ -17,11 +17,11 @@ import structlog
 from pipeline_helpers import incident, make_narrative
 from structlog.testing import capture_logs
 
-from asyncrunner.client import ClientSettings, Completion, LLMClient, RequestFailure
-from asyncrunner.messages import Narrative, Result
-from asyncrunner.throttle import AdaptiveLimiter
+from asyncrunner.llm.client import ClientSettings, Completion, LLMClient, RequestFailure
+from asyncrunner.llm.throttle import AdaptiveLimiter
+from asyncrunner.pipeline.messages import Narrative, Result
+from asyncrunner.pipeline.workers import Prompt, classify, to_result, worker
 from asyncrunner.vocab import ErrorCategory
-from asyncrunner.workers import Prompt, classify, to_result, worker
 
 SECRET = "SENTINEL-NARRATIVE-7f3a: he choked her in the car"
 PROMPT = Prompt(system_prompt="You classify narratives.",

@@ -32,10 +32,10 @@ from pipeline_helpers import (
 from structlog.testing import capture_logs
 
 from asyncrunner.clock import LOCAL_FORMAT
-from asyncrunner.messages import Result
-from asyncrunner.progress import Snapshot
-from asyncrunner.schema import connect
-from asyncrunner.writer import ResultWriter, WriterSettings
+from asyncrunner.db.schema import connect
+from asyncrunner.pipeline.messages import Result
+from asyncrunner.pipeline.progress import Snapshot
+from asyncrunner.pipeline.writer import ResultWriter, WriterSettings
 
 db = pytest.fixture(name="db")(database)
 Feed = Callable[[MemoryObjectSendStream[Result], anyio.CancelScope], Awaitable[None]]

@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import locks, store
-from .metrics import Confusion, Interval, MetricsReport, metrics_report
-from .vocab import Status
+from asyncrunner.db import locks, store
+from asyncrunner.results.metrics import Confusion, Interval, MetricsReport, metrics_report
+from asyncrunner.vocab import Status
 
 RECENT_WINDOW_S = 300
 

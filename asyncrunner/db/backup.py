@@ -13,7 +13,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from .errors import RefusedError
+from asyncrunner.errors import RefusedError
 
 KEEP = 3
 # A result row with its raw response is a few KiB; this is generous on purpose.

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from .client import Completion, LLMClient, RequestFailure
-from .clock import utc_now
-from .config import TEXT_PLACEHOLDER
-from .messages import Narrative, Result
-from .parsing import AnswerParseError, parse_answer
-from .vocab import ErrorCategory
+from asyncrunner.clock import utc_now
+from asyncrunner.config import TEXT_PLACEHOLDER
+from asyncrunner.llm.client import Completion, LLMClient, RequestFailure
+from asyncrunner.llm.parsing import AnswerParseError, parse_answer
+from asyncrunner.pipeline.messages import Narrative, Result
+from asyncrunner.vocab import ErrorCategory
 
-log = structlog.get_logger("asyncrunner.workers")
+log = structlog.get_logger("asyncrunner.pipeline.workers")
 
 
 @dataclass(frozen=True, slots=True)

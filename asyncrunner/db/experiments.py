@@ -13,12 +13,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from . import refusals
-from .clock import local_now
-from .config import Config
-from .locks import ExperimentLock
-from .store import ExperimentRecord, count_results, get_experiment
-from .vocab import RESUMABLE, Status
+from asyncrunner import refusals
+from asyncrunner.clock import local_now
+from asyncrunner.config import Config
+from asyncrunner.db.locks import ExperimentLock
+from asyncrunner.db.store import ExperimentRecord, count_results, get_experiment
+from asyncrunner.vocab import RESUMABLE, Status
 
 # status -> the statuses it may move to. `running -> running` is a resume after a crash
 # (the lock proved the old process dead); `completed -> running` only retries error rows;

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from anyio.abc import ObjectSendStream
 
-from .messages import Narrative
-from .schema import open_async
+from asyncrunner.db.schema import open_async
+from asyncrunner.pipeline.messages import Narrative
 
 PAGE_SIZE = 256
 

@@ -31,8 +31,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import DataSection
-from .errors import InputError
+from asyncrunner.config import DataSection
+from asyncrunner.errors import InputError
 
 CHECKSUM_CHUNK_BYTES = 1 << 20
 INSERT_CHUNK_ROWS = 5_000

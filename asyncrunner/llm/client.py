@@ -37,9 +37,9 @@ import anyio
 import httpx
 import structlog
 
-from . import __version__
-from .throttle import AdaptiveLimiter, TokenBudget
-from .vocab import ErrorCategory
+from asyncrunner import __version__
+from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
+from asyncrunner.vocab import ErrorCategory
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SLOW_DOWN_STATUS = frozenset({429, 503})
@@ -47,7 +47,7 @@ MAX_RETRY_AFTER_S = 300.0
 CONTEXT_TOO_LONG = ("context length", "context_length", "too long", "maximum context",
                     "too many tokens", "exceeds the context")
 
-log = structlog.get_logger("asyncrunner.client")
+log = structlog.get_logger("asyncrunner.llm.client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,9 @@ def make_http_client(workers: int, timeout_s: float, *,
     """The one shared HTTP session, its pool sized to the number of workers. `transport`
     replaces the network (tests inject an httpx.MockTransport here)."""
     if transport is None:
-        from .transport import AiohttpTransport  # aiohttp loads only for commands that send
+        from asyncrunner.llm.transport import (
+            AiohttpTransport,  # aiohttp loads only for commands that send
+        )
 
         transport = AiohttpTransport(max_connections=workers)
     return HttpSession(transport, timeout_s)

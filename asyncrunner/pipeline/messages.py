@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .vocab import ErrorCategory
+from asyncrunner.vocab import ErrorCategory
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import refusals
-from .errors import RefusedError
-from .ids import require_uuid
+from asyncrunner import refusals
+from asyncrunner.errors import RefusedError
+from asyncrunner.ids import require_uuid
 
 
 def lock_path(db_path: str | Path, experiment_id: str) -> Path:

@@ -16,9 +16,9 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import store
-from .errors import RefusedError, UsageError
-from .metrics import (
+from asyncrunner.db import store
+from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.results.metrics import (
     EXACT_BELOW,
     OVERALL,
     Confusion,

@@ -21,12 +21,12 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from .clock import LOCAL_FORMAT, local_now
-from .messages import Result
-from .progress import RateWindow, Snapshot, eta_from
-from .schema import open_async
+from asyncrunner.clock import LOCAL_FORMAT, local_now
+from asyncrunner.db.schema import open_async
+from asyncrunner.pipeline.messages import Result
+from asyncrunner.pipeline.progress import RateWindow, Snapshot, eta_from
 
-log = structlog.get_logger("asyncrunner.writer")
+log = structlog.get_logger("asyncrunner.pipeline.writer")
 
 FINAL_FLUSH_TIMEOUT_S = 60.0
 

@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .experiments import set_status
-from .metrics import MetricsReport, metrics_report
-from .vocab import Status
+from asyncrunner.db.experiments import set_status
+from asyncrunner.results.metrics import MetricsReport, metrics_report
+from asyncrunner.vocab import Status
 
 EXPORT_COLUMNS = (
     "result_id", "experiment_id", "incident_id", "narrative_type", "detected", "confidence",

@@ -37,10 +37,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import store
-from .errors import RefusedError, UsageError
-from .metrics import Confusion, Interval, MetricsReport, metrics_report
-from .vocab import Status
+from asyncrunner.db import store
+from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.results.metrics import Confusion, Interval, MetricsReport, metrics_report
+from asyncrunner.vocab import Status
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

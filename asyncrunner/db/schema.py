@@ -27,7 +27,7 @@ from pathlib import Path
 import aiosqlite
 import anyio
 
-from .errors import RunFailed, UsageError
+from asyncrunner.errors import RunFailed, UsageError
 
 BUSY_TIMEOUT_MS = 30_000
 

@@ -24,15 +24,15 @@ import anyio
 import anyio.abc
 import structlog
 
-from .client import ClientSettings, HttpSender, LLMClient
-from .messages import Narrative, Result
-from .producer import WorkSelection, produce
-from .progress import Snapshot
-from .throttle import AdaptiveLimiter, TokenBudget
-from .workers import Prompt, worker
-from .writer import ResultWriter, WriterSettings
+from asyncrunner.llm.client import ClientSettings, HttpSender, LLMClient
+from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
+from asyncrunner.pipeline.messages import Narrative, Result
+from asyncrunner.pipeline.producer import WorkSelection, produce
+from asyncrunner.pipeline.progress import Snapshot
+from asyncrunner.pipeline.workers import Prompt, worker
+from asyncrunner.pipeline.writer import ResultWriter, WriterSettings
 
-log = structlog.get_logger("asyncrunner.runner")
+log = structlog.get_logger("asyncrunner.pipeline.runner")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .vocab import RESUMABLE, ErrorCategory
+from asyncrunner.vocab import RESUMABLE, ErrorCategory
 
 
 @dataclass(frozen=True, slots=True)
