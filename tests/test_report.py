@@ -26,12 +26,14 @@ from conftest import (
 from asyncrunner.db.schema import connect
 from asyncrunner.errors import RefusedError, UsageError
 from asyncrunner.results.report import (
-    ResultPoint,
+    ANSWER_CAP,
     calibration_bins,
+    cap_answer,
+    confidence_histogram,
     default_report_path,
+    minute_stats,
     parse_utc,
-    per_minute,
-    rolling_median,
+    top_disagreements,
     write_report,
 )
 
@@ -274,44 +276,78 @@ def test_cli_without_matplotlib(tmp_path: Path) -> None:
     assert run_cli("status", eid, "--db", str(db), env=env).returncode == 0
 
 
-# --------------------------------------------------------------------------- pure helpers
+# --------------------------------------------------------------------------- chart data
 
 
-def point(detected: int, confidence: float, label: int | None) -> ResultPoint:
-    return ResultPoint("LE", detected, confidence, label, 0, 0.1, None)
-
-
-def test_calibration_bins_hand_computed() -> None:
-    pts = [
-        point(1, 0.95, 1),   # p(detected) 0.95 -> bin 9
-        point(1, 1.0, 0),    # p 1.0 -> bin 9 (top edge stays in the last bin)
-        point(0, 0.95, 0),   # p = 1 - 0.95 = 0.05 -> bin 0
-        point(0, 0.85, 1),   # p 0.15 -> bin 1
-        point(0, 0.85, 0),   # p 0.15 -> bin 1
-        point(1, 0.6, None),  # unlabelled: left out
-        ResultPoint("LE", None, None, 1, 1, None, None),  # error: left out
-    ]
-    bins = calibration_bins(pts)
+def test_calibration_bins_hand_computed(tmp_path: Path) -> None:
+    conn = make_experiment(tmp_path / "x.db", rows=[
+        ("1", "LE", 1, 0.95, 1, None, None),   # p(detected) 0.95 -> bin 9
+        ("2", "LE", 1, 1.0, 0, None, None),    # p 1.0 -> bin 9 (top edge stays in the last bin)
+        ("3", "LE", 0, 0.95, 0, None, None),   # p = 1 - 0.95 = 0.05 -> bin 0
+        ("4", "LE", 0, 0.85, 1, None, None),   # p 0.15 -> bin 1
+        ("5", "LE", 0, 0.85, 0, None, None),   # p 0.15 -> bin 1
+        ("6", "LE", 1, 0.6, None, None, None),  # unlabelled: left out
+        ("7", "LE", None, None, 1, "timeout", None),  # error: left out
+        ("8", "LE", 1, None, 1, None, None),   # no confidence: left out
+    ])
+    try:
+        bins = calibration_bins(conn, EID)
+        hist = confidence_histogram(conn, EID)
+    finally:
+        conn.close()
     assert [(b.lower, b.n) for b in bins] == [(0.0, 1), (0.1, 2), (0.9, 2)]
     # bin 9: mean p = (0.95 + 1.0)/2 = 0.975, observed = 1/2; bin 1: 0.15 and 1/2
     assert bins[2].mean_predicted == pytest.approx(0.975)
     assert bins[2].observed_rate == pytest.approx(0.5)
     assert bins[1].mean_predicted == pytest.approx(0.15)
+    assert bins[1].observed_rate == pytest.approx(0.5)
     assert bins[0].observed_rate == 0.0
+    # confidence histogram, 20 bins: label 1 has 0.95 (bin 19) and 0.85 (bin 17); label 0 has
+    # 1.0 (top edge: bin 19), 0.95 (bin 19) and 0.85 (bin 17)
+    assert len(hist.edges) == 21 and hist.edges[0] == 0.0 and hist.edges[-1] == 1.0
+    assert {i: n for i, n in enumerate(hist.positive) if n} == {17: 1, 19: 1}
+    assert {i: n for i, n in enumerate(hist.negative) if n} == {17: 1, 19: 2}
+    assert hist.n == 5
 
 
-def test_time_helpers() -> None:
+def test_time_helpers_and_minute_stats(tmp_path: Path) -> None:
     t = parse_utc("2026-11-23T12:00:59.123456Z")
     assert t == datetime(2026, 11, 23, 12, 0, 59, 123456, tzinfo=UTC)
     assert parse_utc("2026-11-23T12:00:00") == datetime(2026, 11, 23, 12, tzinfo=UTC)
     assert parse_utc("garbage") is None and parse_utc(None) is None
-    times = [parse_utc(f"2026-11-23T12:0{m}:{s:02d}Z") for m, s in
-             [(0, 1), (0, 59), (1, 0), (3, 30)]]
-    assert per_minute(t for t in times if t) == [
-        (datetime(2026, 11, 23, 12, 0, tzinfo=UTC), 2),
-        (datetime(2026, 11, 23, 12, 1, tzinfo=UTC), 1),
-        (datetime(2026, 11, 23, 12, 3, tzinfo=UTC), 1)]
-    assert rolling_median([5.0, 1.0, 3.0, 10.0], window=3) == [5.0, 3.0, 3.0, 3.0]
+    conn = make_experiment(tmp_path / "x.db")
+    stamps = [("2026-11-23T12:00:01.000000Z", 0.5), ("2026-11-23T12:00:59.999999Z", 0.1),
+              ("2026-11-23T12:01:00.000000Z", None), ("2026-11-23T12:03:30.000000Z", 2.0),
+              ("2026-11-23T14:03:40+02:00", 1.0),     # an older row's offset: 12:03 UTC
+              ("garbage", 9.0), (None, 9.0)]
+    stamps += [(f"2026-11-23T12:05:{s:02d}.0Z", float(s)) for s in range(1, 41)]
+    for i, (when, secs) in enumerate(stamps):
+        conn.execute("INSERT INTO narrative_results (experiment_id, incident_id, "
+                     "narrative_type, processed_at, response_sec) VALUES (?, ?, 'LE', ?, ?)",
+                     (EID, str(i), when, secs))
+    try:
+        minutes = minute_stats(conn, EID)
+    finally:
+        conn.close()
+    at = [datetime(2026, 11, 23, 12, m, tzinfo=UTC) for m in (0, 1, 3, 5)]
+    assert [(m.minute, m.results) for m in minutes] == [(at[0], 2), (at[1], 1), (at[2], 2),
+                                                         (at[3], 40)]
+    assert minutes[0].latency == (0.1, 0.5, 0.5)   # nearest rank of two: 1st, 2nd, 2nd
+    assert minutes[1].latency is None              # no response time in that minute
+    # 12:05 holds 1..40 s: median = 20th value, p90 = 36th, p99 = 40th
+    assert minutes[3].latency == (20.0, 36.0, 40.0)
+
+
+def test_a_long_answer_is_capped_in_the_disagreements_table(tmp_path: Path) -> None:
+    long = "x" * (ANSWER_CAP + 500)
+    rows = [("1", "LE", 1, 0.9, 0, None, long), ("2", "LE", 0, 0.8, 1, None, "short")]
+    conn = make_experiment(tmp_path / "x.db", rows=rows)
+    shown = [r[-1] for r in top_disagreements(conn, EID)]
+    assert shown[0] == "x" * ANSWER_CAP + " [... 500 more characters not shown]"
+    assert shown[1] == "short"
+    assert cap_answer(None) is None and cap_answer("x" * ANSWER_CAP) == "x" * ANSWER_CAP
+    page = render(conn, tmp_path / "r.html")
+    assert "x" * ANSWER_CAP + " [... 500 more" in page and "x" * (ANSWER_CAP + 1) not in page
 
 
 # --------------------------------------------------------------------------- screenshot

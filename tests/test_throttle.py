@@ -120,3 +120,86 @@ async def test_a_request_cancelled_during_the_pause_gives_back_its_slot() -> Non
     with anyio.move_on_after(0.05):
         await limiter.acquire()
     assert limiter.stats().in_flight == 0
+
+
+# --- the slow path: every slot taken ---------------------------------------------------------
+
+
+async def test_requests_waiting_for_a_slot_get_one_in_arrival_order() -> None:
+    limiter = AdaptiveLimiter(2)
+    await limiter.acquire()
+    await limiter.acquire()
+    order: list[int] = []
+
+    async def job(i: int) -> None:
+        await limiter.acquire()
+        order.append(i)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(job, i)
+                await anyio.wait_all_tasks_blocked()
+            assert order == [] and limiter.stats().in_flight == 2
+            for _ in range(4):
+                await limiter.release()
+                await anyio.wait_all_tasks_blocked()
+    assert order == [0, 1, 2, 3] and limiter.stats().in_flight == 2
+
+
+async def test_a_request_cancelled_while_queued_takes_no_slot() -> None:
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+    with anyio.move_on_after(0.05) as scope:
+        await limiter.acquire()                 # queued behind the slot in use
+    assert scope.cancelled_caught
+    await limiter.release()
+    assert limiter.stats().in_flight == 0
+    with anyio.fail_after(1):
+        await limiter.acquire()                 # free at once: nobody else holds it
+    assert limiter.stats().in_flight == 1
+
+
+async def test_a_slot_handed_over_while_the_group_is_cancelled_is_given_back() -> None:
+    """The request is handed a slot by release() and cancelled in the same step; either way
+    (it gets the slot and releases it when cancelled later, or it is cancelled in acquire)
+    nothing stays taken."""
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+
+    async def request() -> None:
+        await limiter.acquire()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            await limiter.release()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await anyio.wait_all_tasks_blocked()
+            await limiter.release()             # the slot now belongs to the waiting request
+            assert limiter.stats().in_flight == 1
+            tg.cancel_scope.cancel()            # ... which is cancelled before it resumes
+    assert limiter.stats().in_flight == 0
+
+
+async def test_a_limit_that_grows_back_lets_waiting_requests_in() -> None:
+    limiter = AdaptiveLimiter(2)
+    limiter.on_slow_down(None)                  # limit 1
+    await limiter.acquire()
+    got: list[bool] = []
+
+    async def job() -> None:
+        await limiter.acquire()
+        got.append(True)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []
+            for _ in range(2):
+                limiter.on_success()            # 1 -> 2 without any release
+            await anyio.wait_all_tasks_blocked()
+            assert got == [True] and limiter.stats().in_flight == 2

@@ -257,3 +257,21 @@ async def test_a_cancelled_request_gives_back_its_concurrency_slot() -> None:
     async with llm_client(hanging(started), ceiling=2) as client:
         await cancel_in_flight(client, started)
     assert client.limiter.stats().in_flight == 0
+
+
+async def test_log_lines_of_a_worker_carry_the_narrative_they_are_about() -> None:
+    """worker() binds each narrative's key in its own task: retries and the error line of a
+    failing narrative name it, also after other narratives went through the same worker."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        user = json.loads(request.content)["messages"][1]["content"]
+        return httpx.Response(500, text="no") if "#4" in user else answer_response()
+
+    narratives = [make_narrative(i, text=f"narrative #{i}") for i in range(6)]
+    async with llm_client(handler) as client:
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+            results = await run_workers(client, narratives, workers=1)
+    assert len(results) == 6
+    assert [e["event"] for e in events] == ["retry", "retry", "narrative_error"]
+    key = (incident(4), narratives[4].narrative_type)
+    assert all((e["incident_id"], e["narrative_type"]) == key for e in events)
+    assert structlog.contextvars.get_contextvars() == {}   # nothing leaked into this task

@@ -250,6 +250,23 @@ async def test_retry_errors_only_updates_only_errored_rows(db: Path) -> None:
     assert tuple(rows[incident(1)]) == tuple(fixed)
 
 
+async def test_retry_errors_only_keeps_the_progress_row_equal_to_the_stored_rows(
+        db: Path) -> None:
+    """Updates in place add no rows: after every commit of a retry session the progress row
+    still counts what is stored (a running count that added the updated rows would drift)."""
+    await write_all(db, [make_result(i, error_category="timeout") for i in range(12)]
+                    + [make_result(i) for i in range(12, 15)])
+    log = CommitLog(db)
+    later = "2025-02-02T00:00:00.000000Z"
+    await write_all(db, [retry_result(i, later, detected=1) for i in range(14)], log,
+                    retry_errors_only=True, batch_size=5)
+    assert len(log.snapshots) >= 2 and log.snapshots[-1].session_done == 14
+    for snapshot, stored, (completed, processed, _, _) in zip(
+            log.snapshots, log.stored, log.progress, strict=True):
+        assert completed == processed == len(stored) == snapshot.done == 15
+    assert sum(row["error_occurred"] for row in stored_results(db)) == 0
+
+
 async def test_a_batch_that_cannot_be_written_is_rolled_back_whole(db: Path) -> None:
     log = CommitLog(db)
     unwritable = make_result(7, tokens=(2**64, 0))          # no SQLite INTEGER holds it

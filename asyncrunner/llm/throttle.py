@@ -71,13 +71,18 @@ class TokenBudget:
 
 
 class AdaptiveLimiter:
+    """The concurrency limit itself: a plain counter. `acquire` and `release` touch no lock
+    and never wait while a slot is free; only a request that finds every slot taken queues,
+    first come first served, and `release` hands its slot straight to the first in line."""
+
     def __init__(self, ceiling: int, *, floor: int = 1,
                  requests_per_minute: float | None = None) -> None:
         self.ceiling = ceiling
         self.floor = floor
         self._limit = float(ceiling)
+        self._allowed = ceiling           # int(self._limit), kept in step with it
         self._in_flight = 0
-        self._changed = anyio.Condition()
+        self._waiters: deque[anyio.Event] = deque()
         self._paused_until = 0.0
         self._last_decrease = -1e9
         self._decreases = 0
@@ -92,14 +97,27 @@ class AdaptiveLimiter:
         )
 
     async def acquire(self) -> None:
-        async with self._changed:
-            while self._in_flight >= int(self._limit):
-                await self._changed.wait()
-            self._in_flight += 1
+        if self._in_flight < self._allowed and not self._waiters:
+            self._in_flight += 1          # the fast path: no lock, no wait
+        else:
+            await self._wait_for_slot()
+        if self._paused_until or self._interval:
+            try:
+                await self._wait_turn()
+            except BaseException:
+                self._release()
+                raise
+
+    async def _wait_for_slot(self) -> None:
+        granted = anyio.Event()
+        self._waiters.append(granted)
         try:
-            await self._wait_turn()
+            await granted.wait()          # release() counted the slot in for us
         except BaseException:
-            await self.release()
+            if granted.is_set():          # handed a slot, then cancelled: give it back
+                self._release()
+            else:
+                self._waiters.remove(granted)
             raise
 
     async def _wait_turn(self) -> None:
@@ -113,15 +131,28 @@ class AdaptiveLimiter:
             await anyio.sleep(start - now)
 
     async def release(self) -> None:
-        # Shielded: a cancelled request must still give its slot back, or the limit shrinks
-        # for good (taking the lock inside a cancelled scope would raise at once).
-        with anyio.CancelScope(shield=True):
-            async with self._changed:
-                self._in_flight -= 1
-                self._changed.notify_all()
+        # Never awaits, so it cannot be interrupted: a cancelled request still gives its
+        # slot back (a release that waited for a lock inside a cancelled scope would raise
+        # at once and leak the slot, shrinking the limit for good).
+        self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Hand free slots to waiting requests, oldest first."""
+        while self._waiters and self._in_flight < self._allowed:
+            self._in_flight += 1
+            self._waiters.popleft().set()
 
     def on_success(self) -> None:
-        self._limit = min(float(self.ceiling), self._limit + 1.0 / max(self._limit, 1.0))
+        if self._limit < self.ceiling:
+            self._limit = min(float(self.ceiling), self._limit + 1.0 / max(self._limit, 1.0))
+            self._allowed = int(self._limit)
+            if self._waiters:
+                self._wake()
 
     def on_slow_down(self, retry_after_s: float | None, sent_at: float | None = None) -> None:
         """`sent_at`: when the refused request was sent (time.monotonic()); None = now."""
@@ -132,3 +163,4 @@ class AdaptiveLimiter:
             self._last_decrease = now
             self._decreases += 1
             self._limit = max(float(self.floor), self._limit / 2.0)
+            self._allowed = int(self._limit)

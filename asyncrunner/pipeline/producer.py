@@ -8,10 +8,14 @@ Closing the send stream is how the workers learn there is no more work.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from anyio.abc import ObjectSendStream
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from asyncrunner.db.schema import open_async
 from asyncrunner.pipeline.messages import Narrative
@@ -30,7 +34,9 @@ _RESULT = (
     "AND r.incident_id = s.incident_id AND r.narrative_type = s.narrative_type"
 )
 MISSING_SQL = _SELECT.format(match=f"NOT EXISTS ({_RESULT})")
-ERRORED_SQL = _SELECT.format(match=f"EXISTS ({_RESULT} AND r.error_occurred = 1)")
+ERRORED_SQL = _SELECT.format(match=(
+    f"EXISTS ({_RESULT} AND r.error_occurred = 1 AND (:categories IS NULL OR "
+    "COALESCE(r.error_category, 'unknown') IN (SELECT value FROM json_each(:categories))))"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,25 +45,83 @@ class WorkSelection:
     checksum: str
     cutoff: int | None
     retry_errors_only: bool = False
+    # With retry_errors_only: the error categories to send again (None: every error row).
+    # A row stored without a category counts as 'unknown'.
+    categories: tuple[str, ...] | None = None
+
+
+class _Page:
+    """A page being read in the background: its rows, or the error that stopped the read."""
+
+    def __init__(self) -> None:
+        self.rows: list[Sequence[Any]] = []
+        self.error: Exception | None = None
+        self.done = anyio.Event()
 
 
 async def produce(db_path: str | Path, selection: WorkSelection,
-                  send: ObjectSendStream[Narrative], *, page_size: int = PAGE_SIZE) -> None:
+                  send: MemoryObjectSendStream[Narrative], *, page_size: int = PAGE_SIZE) -> None:
+    """Send every remaining narrative of the selection, in id order, then close `send`.
+
+    While one page is handed out the next is already being read: one page ahead, no more,
+    so a page is read at most one page's hand-out before its first narrative leaves, and
+    results stored meanwhile still thin out the pages after it. The hand-out itself stays
+    unbuffered: a narrative leaves only when a worker takes it.
+    """
     sql = ERRORED_SQL if selection.retry_errors_only else MISSING_SQL
-    params: dict[str, object] = {
+    base: dict[str, object] = {
         "checksum": selection.checksum, "cutoff": selection.cutoff,
-        "experiment_id": selection.experiment_id, "limit": page_size, "after": -1,
+        "experiment_id": selection.experiment_id, "limit": page_size,
+        "categories": (json.dumps(list(selection.categories))
+                       if selection.categories is not None else None),
     }
+    failure: Exception | None = None
     async with send, open_async(db_path) as db:
         await db.execute("PRAGMA query_only = 1")
-        while True:
-            async with db.execute(sql, params) as cursor:
-                rows = list(await cursor.fetchall())
-            if not rows:
-                return
-            for row in rows:
-                await send.send(Narrative(
-                    narrative_id=row[0], incident_id=row[1], narrative_type=row[2],
-                    text=row[3] or "", manual_flag_ind=row[4], manual_flag=row[5],
-                ))
-            params["after"] = rows[-1][0]
+
+        async def read(after: int, page: _Page) -> None:
+            # One call on the connection's thread (execute + fetchall): the statement runs
+            # to its end there, so no read transaction stays open between pages.
+            try:
+                page.rows = list(await db.execute_fetchall(sql, {**base, "after": after}))
+            except Exception as exc:  # noqa: BLE001 - handed to produce(), raised there
+                page.error = exc
+            finally:
+                page.done.set()
+
+        async with anyio.create_task_group() as tg:
+            # Failures are raised from here, outside the task group, as themselves (a
+            # worker that stops reading is a BrokenResourceError, not an exception group).
+            try:
+                page = _Page()
+                await read(-1, page)
+                while True:
+                    await page.done.wait()
+                    if page.error is not None:
+                        raise page.error
+                    rows = page.rows
+                    if not rows:
+                        break
+                    page = _Page()
+                    if len(rows) == page_size:
+                        tg.start_soon(read, rows[-1][0], page)
+                    else:
+                        page.done.set()          # a short page was the last one
+                    await _hand_out(rows, send)
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                failure = exc
+                tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _hand_out(rows: list[Sequence[Any]],
+                    send: MemoryObjectSendStream[Narrative]) -> None:
+    """Give each row to a worker. While workers are waiting, each gets its narrative at
+    once (no trip round the event loop per narrative); otherwise wait for the next to ask."""
+    for row in rows:
+        narrative = Narrative(row[0], row[1], row[2], row[3] or "", row[4], row[5])
+        try:
+            send.send_nowait(narrative)          # succeeds only when a worker is waiting
+        except anyio.WouldBlock:
+            await send.send(narrative)

@@ -8,8 +8,12 @@ alone, so they are the same after any number of resumes.
 from __future__ import annotations
 
 import csv
+import heapq
 import json
+import re
 import sqlite3
+from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +28,103 @@ EXPORT_COLUMNS = (
     "attempt_count", "first_error_message", "last_attempt_at", "processed_at",
     "manual_flag_ind", "manual_flag",
 )
+_COLUMNS_SQL = ", ".join(EXPORT_COLUMNS)
+WRITE_BUFFER = 1 << 20
 
 
-def export(conn: sqlite3.Connection, experiment_id: str, fmt: str, out: Path) -> Path:
-    """Write every result of the experiment (CSV or JSON), atomically (temp file + rename)."""
+TEXT_COLUMN = "narrative_text"
+# OWASP's CSV-injection rule: a text cell starting with one of these is a formula to a
+# spreadsheet. Such cells get a leading apostrophe (shown as text, value still readable).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV/xlsx cell value that no spreadsheet runs as a formula; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) \
+            and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def export(conn: sqlite3.Connection, experiment_id: str, fmt: str, out: Path, *,
+           with_text: bool = False) -> Path:
+    """Write every result of the experiment (CSV or JSON), atomically (temp file + rename).
+
+    Rows stream from the database to the file one at a time, in result_id order, so memory
+    stays flat however many results there are; they are read in one read transaction, so
+    an export taken while the experiment runs is one consistent snapshot. `with_text` adds
+    the narrative text (off by default: the text is the confidential part of the data).
+    CSV cells are made spreadsheet-safe; JSON keeps every value as stored."""
+    columns = (*EXPORT_COLUMNS, TEXT_COLUMN) if with_text else EXPORT_COLUMNS
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    cursor = conn.execute(
-        f"SELECT {', '.join(EXPORT_COLUMNS)} FROM narrative_results "
-        "WHERE experiment_id = ? ORDER BY result_id", (experiment_id,))
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        if fmt == "csv":
-            writer = csv.writer(fh)
-            writer.writerow(EXPORT_COLUMNS)
-            for row in cursor:
-                writer.writerow(tuple(row))
-        else:
-            fh.write("[\n")
-            for i, row in enumerate(cursor):
-                record = dict(zip(EXPORT_COLUMNS, row, strict=True))
-                fh.write(("," if i else "") + json.dumps(record) + "\n")
-            fh.write("]\n")
-    tmp.replace(out)
+    own_transaction = not conn.in_transaction
+    if own_transaction:
+        conn.execute("BEGIN")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="", buffering=WRITE_BUFFER) as fh:
+            rows = (rows_with_text(conn, experiment_id) if with_text
+                    else result_rows(conn, experiment_id))
+            if fmt == "csv":
+                writer = csv.writer(fh)
+                writer.writerow(columns)
+                writer.writerows(tuple(map(spreadsheet_safe, row)) for row in rows)
+            else:
+                fh.write("[\n")
+                separator = ""
+                for row in rows:
+                    fh.write(separator + json.dumps(dict(zip(columns, row, strict=True)))
+                             + "\n")
+                    separator = ","
+                fh.write("]\n")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if own_transaction:
+            conn.execute("ROLLBACK")             # it only read
     return out
+
+
+# error_occurred is 0 or 1; anything else (NULL in a database of an older version) is read
+# by the last stream, which SQLite sorts (it is empty in practice).
+_STREAMS = ("error_occurred = 0", "error_occurred = 1",
+            "(error_occurred IS NULL OR error_occurred NOT IN (0, 1))")
+
+
+def result_rows(conn: sqlite3.Connection, experiment_id: str) -> Iterator[tuple[Any, ...]]:
+    """The experiment's results as plain tuples of EXPORT_COLUMNS, in result_id order,
+    streamed (call it inside a read transaction for one snapshot).
+
+    `ORDER BY result_id` over all of the experiment's rows would make SQLite sort them in a
+    temporary b-tree, spilled to a temp file as large as the results. The index on
+    (experiment_id, error_occurred) instead yields each error_occurred value's rows already
+    in result_id order, so each is read as its own stream and the streams are merged, one
+    row of each held at a time."""
+    streams = []
+    for match in _STREAMS:
+        cursor = conn.cursor()
+        cursor.row_factory = None            # tuples: no Row object per result
+        streams.append(cursor.execute(
+            f"SELECT {_COLUMNS_SQL} FROM narrative_results WHERE experiment_id = ? "
+            f"AND {match} ORDER BY result_id", (experiment_id,)))
+    return heapq.merge(*streams, key=itemgetter(0))      # result_id comes first
+
+
+def rows_with_text(conn: sqlite3.Connection,
+                   experiment_id: str) -> Iterator[tuple[Any, ...]]:
+    """result_rows plus each narrative's text from `source_narratives` of the experiment's
+    data checksum (the database is the only source after ingest)."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return cursor.execute(
+        f"SELECT {', '.join('r.' + c for c in EXPORT_COLUMNS)}, s.narrative_text "
+        "FROM narrative_results r LEFT JOIN source_narratives s "
+        "ON s.data_checksum = (SELECT data_checksum FROM experiments WHERE experiment_id = ?) "
+        "AND s.incident_id = r.incident_id AND s.narrative_type = r.narrative_type "
+        "WHERE r.experiment_id = ? ORDER BY r.result_id", (experiment_id, experiment_id))
 
 
 def finalize(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> dict[str, Any]:

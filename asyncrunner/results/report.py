@@ -19,6 +19,10 @@ variable, never its value; the summary shows neither). Everything that came from
 data file is passed through html.escape, because rationales are untrusted text.
 
 Reads only; safe to run while an experiment is still going (WAL readers never block).
+Memory and time do not grow with the number of results beyond SQLite's own work: every
+chart is drawn from SQL aggregates (histogram and calibration bins, per-minute counts and
+latency percentiles), never from the result rows themselves, and the disagreements table
+reads at most `ANSWER_CAP` characters of any one answer.
 """
 
 from __future__ import annotations
@@ -29,11 +33,10 @@ import io
 import math
 import os
 import sqlite3
-import statistics
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +49,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 N_CALIBRATION_BINS = 10
+N_CONFIDENCE_BINS = 20
 N_DISAGREEMENTS = 20
-LATENCY_WINDOW = 25  # results per rolling-median point: smooths single slow calls away
+ANSWER_CAP = 2000  # characters of one answer (rationale) the disagreements table shows
+LATENCY_PERCENTILES = (50, 90, 99)
 FIG_DPI = 100
 
 POSITIVE_COLOUR = "#c0392b"
@@ -57,28 +62,26 @@ MATPLOTLIB_MISSING = "the HTML report needs matplotlib: pip install 'asyncrunner
 
 
 @dataclass(frozen=True, slots=True)
-class ResultPoint:
-    """The columns of one result the charts need; deliberately no text of any kind."""
+class ConfidenceHistogram:
+    """Scored results with a manual label, counted per equal-width confidence bin."""
 
-    narrative_type: str
-    detected: int | None
-    confidence: float | None
-    manual_flag_ind: int | None
-    error_occurred: int
-    response_sec: float | None
-    processed_at: datetime | None
+    edges: tuple[float, ...]
+    positive: tuple[int, ...]   # manual label 1, per bin
+    negative: tuple[int, ...]   # manual label 0, per bin
 
     @property
-    def scored(self) -> bool:
-        return self.error_occurred == 0 and self.detected is not None
+    def n(self) -> int:
+        return sum(self.positive) + sum(self.negative)
 
-    @property
-    def p_detected(self) -> float | None:
-        """The model's probability of 'detected': its confidence is in the answer it gave."""
-        if self.confidence is None or self.detected is None:
-            return None
-        conf = min(1.0, max(0.0, float(self.confidence)))
-        return conf if self.detected else 1.0 - conf
+
+@dataclass(frozen=True, slots=True)
+class MinuteStats:
+    """One UTC minute of the run: results stored, and their response times' percentiles
+    (`LATENCY_PERCENTILES`, nearest rank; None when no result of the minute has one)."""
+
+    minute: datetime
+    results: int
+    latency: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,20 +96,59 @@ class CalibrationBin:
 # --------------------------------------------------------------------------- data access
 
 
-_POINTS_SQL = """
-SELECT narrative_type, detected, confidence, manual_flag_ind, error_occurred, response_sec,
-       processed_at
-FROM narrative_results WHERE experiment_id = ? ORDER BY processed_at, result_id
+# Scored: no error and an answer. Bins are equal-width; the top edge (1.0) is in the last bin.
+_CONFIDENCE_SQL = """
+SELECT manual_flag_ind, MIN(CAST(confidence * :bins AS INTEGER), :bins - 1), COUNT(*)
+FROM narrative_results
+WHERE experiment_id = :id AND error_occurred = 0 AND detected IS NOT NULL
+  AND confidence >= 0 AND confidence <= 1 AND manual_flag_ind IN (0, 1)
+GROUP BY 1, 2
 """
 
+# p(detected): the confidence (clamped to 0..1) when the model said detected, else 1 - it.
+_CALIBRATION_SQL = """
+SELECT MIN(CAST(p * :bins AS INTEGER), :bins - 1) AS bin, COUNT(*), AVG(p),
+       AVG(CASE WHEN manual_flag_ind THEN 1.0 ELSE 0.0 END)
+FROM (SELECT CASE WHEN detected THEN c ELSE 1.0 - c END AS p, manual_flag_ind
+      FROM (SELECT MIN(1.0, MAX(0.0, confidence)) AS c, detected, manual_flag_ind
+            FROM narrative_results
+            WHERE experiment_id = :id AND error_occurred = 0 AND detected IS NOT NULL
+              AND confidence IS NOT NULL AND manual_flag_ind IS NOT NULL))
+GROUP BY bin ORDER BY bin
+"""
+
+# Per-result times are UTC ISO-8601 ('...THH:MM:SS.ffffffZ'): their first 16 characters
+# are the minute. Each group's earliest time is parsed to place it (see minute_stats).
+_MINUTES_SQL = """
+SELECT substr(processed_at, 1, 16), MIN(processed_at), COUNT(*)
+FROM narrative_results WHERE experiment_id = ? AND processed_at IS NOT NULL
+GROUP BY 1 ORDER BY 1
+"""
+
+# Nearest-rank percentiles per minute, ranked by SQLite (which spills to disk if it must):
+# the k-th smallest of n is the p-th percentile when k = ceil(p * n / 100).
+_LATENCY_SQL = """
+SELECT minute, {columns}
+FROM (SELECT substr(processed_at, 1, 16) AS minute, response_sec AS s,
+             ROW_NUMBER() OVER (PARTITION BY substr(processed_at, 1, 16)
+                                ORDER BY response_sec) AS k,
+             COUNT(*) OVER (PARTITION BY substr(processed_at, 1, 16)) AS n
+      FROM narrative_results
+      WHERE experiment_id = ? AND processed_at IS NOT NULL AND response_sec IS NOT NULL)
+GROUP BY minute
+""".format(columns=", ".join(f"MAX(CASE WHEN k = (n * {p} + 99) / 100 THEN s END)"
+                             for p in LATENCY_PERCENTILES))
+
 # Ties on confidence are broken by id so the same database always gives the same report.
+# Only the first ANSWER_CAP + 1 characters of a rationale are read (the +1 shows it was cut).
 _DISAGREEMENTS_SQL = """
-SELECT incident_id, narrative_type, detected, manual_flag_ind, confidence, rationale
+SELECT incident_id, narrative_type, detected, manual_flag_ind, confidence,
+       substr(rationale, 1, :cap + 1), length(rationale)
 FROM narrative_results
-WHERE experiment_id = ? AND error_occurred = 0 AND manual_flag_ind IS NOT NULL
+WHERE experiment_id = :id AND error_occurred = 0 AND manual_flag_ind IS NOT NULL
   AND detected IS NOT NULL AND detected != manual_flag_ind
 ORDER BY confidence IS NULL, confidence DESC, incident_id, narrative_type
-LIMIT ?
+LIMIT :limit
 """
 
 
@@ -122,54 +164,66 @@ def parse_utc(text: str | None) -> datetime | None:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
-def load_points(conn: sqlite3.Connection, experiment_id: str) -> list[ResultPoint]:
+def confidence_histogram(conn: sqlite3.Connection, experiment_id: str,
+                         n_bins: int = N_CONFIDENCE_BINS) -> ConfidenceHistogram:
+    counts = {0: [0] * n_bins, 1: [0] * n_bins}
+    for label, index, n in conn.execute(_CONFIDENCE_SQL, {"id": experiment_id,
+                                                          "bins": n_bins}):
+        counts[int(label)][int(index)] += int(n)
+    return ConfidenceHistogram(edges=tuple(i / n_bins for i in range(n_bins + 1)),
+                               positive=tuple(counts[1]), negative=tuple(counts[0]))
+
+
+def calibration_bins(conn: sqlite3.Connection, experiment_id: str,
+                     n_bins: int = N_CALIBRATION_BINS) -> list[CalibrationBin]:
+    """Equal-width bins of p(detected) over labelled, scored results; empty bins skipped."""
     return [
-        ResultPoint(row[0], row[1], row[2], row[3], int(row[4] or 0), row[5],
-                    parse_utc(row[6]))
-        for row in conn.execute(_POINTS_SQL, (experiment_id,))
+        CalibrationBin(lower=index / n_bins, upper=(index + 1) / n_bins, n=int(n),
+                       mean_predicted=float(mean_p), observed_rate=float(observed))
+        for index, n, mean_p, observed in conn.execute(
+            _CALIBRATION_SQL, {"id": experiment_id, "bins": n_bins})
     ]
 
 
-def top_disagreements(conn: sqlite3.Connection, experiment_id: str,
-                      limit: int = N_DISAGREEMENTS) -> list[Sequence[Any]]:
-    return conn.execute(_DISAGREEMENTS_SQL, (experiment_id, limit)).fetchall()
-
-
-# --------------------------------------------------------------------------- pure statistics
-
-
-def calibration_bins(points: Iterable[ResultPoint],
-                     n_bins: int = N_CALIBRATION_BINS) -> list[CalibrationBin]:
-    """Equal-width bins of p(detected) over labelled, scored results; empty bins skipped."""
-    members: list[list[ResultPoint]] = [[] for _ in range(n_bins)]
-    for p in points:
-        prob = p.p_detected
-        if not p.scored or p.manual_flag_ind is None or prob is None:
+def minute_stats(conn: sqlite3.Connection, experiment_id: str) -> list[MinuteStats]:
+    """Results and latency percentiles per UTC minute, for the minutes that have any (gaps
+    are zero by omission). One row per minute comes out of SQLite, never one per result.
+    Times that do not parse are left out; times written with an offset are placed in
+    their UTC minute."""
+    latency = {row[0]: tuple(float(v) for v in row[1:])
+               for row in conn.execute(_LATENCY_SQL, (experiment_id,))}
+    merged: dict[datetime, tuple[int, tuple[float, ...] | None]] = {}
+    for key, earliest, n in conn.execute(_MINUTES_SQL, (experiment_id,)):
+        when = parse_utc(earliest)
+        if when is None:
             continue
-        # p == 1.0 belongs in the top bin, not in a bin past the end.
-        members[min(int(prob * n_bins), n_bins - 1)].append(p)
-    bins = []
-    for i, group in enumerate(members):
-        if group:
-            bins.append(CalibrationBin(
-                lower=i / n_bins, upper=(i + 1) / n_bins, n=len(group),
-                mean_predicted=statistics.fmean(q.p_detected or 0.0 for q in group),
-                observed_rate=statistics.fmean(1.0 if q.manual_flag_ind else 0.0
-                                               for q in group)))
-    return bins
+        minute = when.astimezone(UTC).replace(second=0, microsecond=0)
+        before, before_latency = merged.get(minute, (0, None))
+        # Two spellings of one minute (older rows only): the counts add up; the
+        # percentiles shown are those of one of them.
+        merged[minute] = (before + int(n), latency.get(key) or before_latency)
+    return [MinuteStats(minute, n, lat) for minute, (n, lat) in sorted(merged.items())]
 
 
-def per_minute(times: Iterable[datetime]) -> list[tuple[datetime, int]]:
-    """Results per UTC minute, for the minutes that have any (gaps are zero by omission)."""
-    counts = Counter(t.astimezone(UTC).replace(second=0, microsecond=0)
-                     for t in times)
-    return sorted(counts.items())
+def top_disagreements(conn: sqlite3.Connection, experiment_id: str,
+                      limit: int = N_DISAGREEMENTS) -> list[tuple[Any, ...]]:
+    """The most confident disagreements; each rationale capped at `ANSWER_CAP` characters
+    (a longer one ends with a note of its full length)."""
+    rows = []
+    for *head, rationale, length in conn.execute(
+            _DISAGREEMENTS_SQL, {"id": experiment_id, "cap": ANSWER_CAP, "limit": limit}):
+        rows.append((*head, cap_answer(rationale, length)))
+    return rows
 
 
-def rolling_median(values: Sequence[float], window: int = LATENCY_WINDOW) -> list[float]:
-    """Median of the trailing `window` values at each position (shorter at the start)."""
-    return [statistics.median(values[max(0, i - window + 1): i + 1])
-            for i in range(len(values))]
+def cap_answer(text: str | None, length: int | None = None) -> str | None:
+    """At most ANSWER_CAP characters of an answer, saying so when it was longer."""
+    if text is None:
+        return None
+    full = len(text) if length is None else int(length)
+    if full <= ANSWER_CAP:
+        return text
+    return f"{text[:ANSWER_CAP]} [... {full - ANSWER_CAP} more characters not shown]"
 
 
 # --------------------------------------------------------------------------- charts
@@ -224,18 +278,18 @@ def chart_confusion(tp: int, fp: int, tn: int, fn: int) -> str:
     return _png_img(fig, "Confusion matrix heatmap")
 
 
-def chart_confidence(points: Sequence[ResultPoint]) -> str:
+def chart_confidence(hist: ConfidenceHistogram) -> str:
     from matplotlib.ticker import MaxNLocator
 
-    pos = [p.confidence for p in points
-           if p.scored and p.confidence is not None and p.manual_flag_ind == 1]
-    neg = [p.confidence for p in points
-           if p.scored and p.confidence is not None and p.manual_flag_ind == 0]
     fig = _figure()
     ax = fig.add_subplot()
-    edges = [i / 20 for i in range(21)]
-    ax.hist([pos, neg], bins=edges, color=[POSITIVE_COLOUR, NEGATIVE_COLOUR],
-            label=[f"manual label 1 (n={len(pos)})", f"manual label 0 (n={len(neg)})"])
+    edges = list(hist.edges)
+    centres = [(a + b) / 2 for a, b in pairwise(edges)]
+    # The counts are the bins' weights: the same side-by-side bars as a histogram of values.
+    ax.hist([centres, centres], bins=edges, weights=[list(hist.positive), list(hist.negative)],
+            color=[POSITIVE_COLOUR, NEGATIVE_COLOUR],
+            label=[f"manual label 1 (n={sum(hist.positive)})",
+                   f"manual label 0 (n={sum(hist.negative)})"])
     ax.set_xlim(0, 1)
     ax.set_xlabel("model confidence in its answer")
     ax.set_ylabel("results")
@@ -261,26 +315,45 @@ def chart_calibration(bins: Sequence[CalibrationBin]) -> str:
     return _png_img(fig, "Calibration curve")
 
 
-def chart_timeline(points: Sequence[ResultPoint]) -> str:
+def _minute_steps(minutes: Sequence[MinuteStats]) -> tuple[list[datetime], list[int]]:
+    """Edges and heights of the per-minute counts as one step outline, zero across gaps:
+    one artist however many minutes (a bar per minute is slow to draw on a long run)."""
+    edges: list[datetime] = []
+    heights: list[int] = []
+    one = timedelta(minutes=1)
+    for m in minutes:
+        if edges and edges[-1] != m.minute:
+            heights.append(0)                    # a gap: zero up to this minute
+            edges.append(m.minute)
+        elif not edges:
+            edges.append(m.minute)
+        heights.append(m.results)
+        edges.append(m.minute + one)
+    return edges, heights
+
+
+def chart_timeline(minutes: Sequence[MinuteStats]) -> str:
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.ticker import MaxNLocator
 
-    timed = [p for p in points if p.processed_at is not None]
-    minutes = per_minute(p.processed_at for p in timed if p.processed_at)
-    lat = [p for p in timed if p.response_sec is not None]
     fig = _figure(7.2, 5.0)
     ax_rate, ax_lat = fig.subplots(2, 1, sharex=True)
-    ax_rate.bar([m for m, _ in minutes], [n for _, n in minutes], width=1 / 1440,
-                align="edge", color=NEGATIVE_COLOUR)
+    edges, heights = _minute_steps(minutes)
+    ax_rate.stairs(heights, edges, fill=True, color=NEGATIVE_COLOUR)
     ax_rate.set_ylabel("results / minute")
     ax_rate.yaxis.set_major_locator(MaxNLocator(integer=True))
-    if lat:
-        when = [p.processed_at for p in lat]
-        secs = [float(p.response_sec or 0.0) for p in lat]
-        ax_lat.scatter(when, secs, s=6, alpha=0.4, color="grey", label="per result")
-        ax_lat.plot(when, rolling_median(secs), color=POSITIVE_COLOUR,
-                    label=f"rolling median ({LATENCY_WINDOW})")
+    timed = [m for m in minutes if m.latency is not None]
+    if timed:
+        when = [m.minute + timedelta(seconds=30) for m in timed]
+        marker = "o" if len(timed) <= 60 else None   # a lone minute is still visible
+        for i, (pct, colour) in enumerate(zip(LATENCY_PERCENTILES,
+                                              (POSITIVE_COLOUR, "grey", "black"),
+                                              strict=True)):
+            ax_lat.plot(when, [m.latency[i] for m in timed if m.latency], color=colour,
+                        marker=marker, markersize=3, linewidth=1.2,
+                        label="median" if pct == 50 else f"{pct}th percentile")
         ax_lat.legend(loc="upper left")
+        ax_lat.set_ylim(bottom=0)
     ax_lat.set_ylabel("latency (s)")
     ax_lat.set_xlabel("processed at (UTC)")
     # Concise labels (time, date once) stay readable from a minute-long to a days-long run.
@@ -340,7 +413,7 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def section_summary(record: store.ExperimentRecord, points: Sequence[ResultPoint],
+def section_summary(record: store.ExperimentRecord, n_results: int,
                     scored: MetricsReport) -> str:
     rows = [
         ("Name", record.experiment_name), ("Experiment id", record.experiment_id),
@@ -349,7 +422,7 @@ def section_summary(record: store.ExperimentRecord, points: Sequence[ResultPoint
         ("Prompt version", record.prompt_version), ("Data file", record.data_file),
         ("Data checksum", record.data_checksum), ("Started", record.start_time),
         ("Ended", record.end_time),
-        ("Narratives done / total", f"{len(points)} / {record.n_narratives_total or 0}"),
+        ("Narratives done / total", f"{n_results} / {record.n_narratives_total or 0}"),
         ("Error rows", scored.unscored.errors),
     ]
     if record.failure_reason:
@@ -392,19 +465,16 @@ def section_metrics(scored: MetricsReport) -> str:
               f"{scored.unscored.unlabelled} results without a manual label."))
 
 
-def section_confidence(points: Sequence[ResultPoint]) -> str:
-    labelled = [p for p in points
-                if p.scored and p.confidence is not None and p.manual_flag_ind is not None]
-    if not labelled:
+def section_confidence(hist: ConfidenceHistogram) -> str:
+    if not hist.n:
         return _section("confidence", "Confidence distribution",
                         _note("No labelled results with a confidence to show."))
-    return _section("confidence", "Confidence distribution", chart_confidence(points),
+    return _section("confidence", "Confidence distribution", chart_confidence(hist),
                     _note("Confidence the model gave in its own answer, split by the manual "
                           "label; unlabelled and error rows are left out."))
 
 
-def section_calibration(points: Sequence[ResultPoint]) -> str:
-    bins = calibration_bins(points)
+def section_calibration(bins: Sequence[CalibrationBin]) -> str:
     if not bins:
         return _section("calibration", "Calibration",
                         _note("No labelled results with a confidence to calibrate."))
@@ -417,13 +487,13 @@ def section_calibration(points: Sequence[ResultPoint]) -> str:
         _table(("p(detected) bin", "n", "mean p(detected)", "observed positive rate"), rows))
 
 
-def section_timeline(points: Sequence[ResultPoint]) -> str:
-    if not any(p.processed_at for p in points):
+def section_timeline(minutes: Sequence[MinuteStats]) -> str:
+    if not minutes:
         return _section("timeline", "Throughput and latency",
                         _note("No results with a processing time yet."))
-    return _section("timeline", "Throughput and latency", chart_timeline(points),
-                    _note("Top: results stored per UTC minute. Bottom: response time of each "
-                          "call and its rolling median."))
+    return _section("timeline", "Throughput and latency", chart_timeline(minutes),
+                    _note("Top: results stored per UTC minute. Bottom: response times of the "
+                          "minute's results: median, 90th and 99th percentile."))
 
 
 def section_errors(conn: sqlite3.Connection, experiment_id: str) -> str:
@@ -451,6 +521,86 @@ def section_disagreements(conn: sqlite3.Connection, experiment_id: str) -> str:
                     table)
 
 
+def section_dropped(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
+    """What the data file held that never reached the model (issue #10), per reason and
+    narrative type, with the rows a researcher must look at; never narrative text."""
+    from asyncrunner.db.drops import describe, drop_summary
+
+    title = "Narratives not sent to the model"
+    summary = drop_summary(conn, record.data_checksum)
+    lines = describe(summary)
+    parts = [_note(lines[0])]
+    if summary and summary.get("by_type"):
+        reasons = ("blank", "placeholder", "duplicate", "no_id")
+        rows = [(t, *(c.get(r, 0) for r in reasons), sum(c.values()))
+                for t, c in summary["by_type"].items()]
+        parts.append(_table(("Type", "Blank", "Placeholder", "Duplicate", "No id", "Total"),
+                            rows, caption="Dropped at ingest, by narrative type"))
+    if summary and summary.get("positive_label", {}).get("rows"):
+        parts.append(_table(
+            ("Row", "Incident", "Type", "Reason", "Narrative label", "Case label"),
+            [(r["row_number"], r["incident_id"], r["narrative_type"], r["reason"],
+              r["manual_flag_ind"], r["manual_flag"]) for r in summary["positive_label"]["rows"]],
+            caption=f"Dropped with a positive manual label ({summary['positive_label']['count']})"))
+    if summary and summary.get("label_conflicts", {}).get("rows"):
+        parts.append(_table(
+            ("Row", "Incident", "Type", "Kept row", "Narrative label", "Case label"),
+            [(r["row_number"], r["incident_id"], r["narrative_type"], r["kept_row_number"],
+              r["manual_flag_ind"], r["manual_flag"]) for r in summary["label_conflicts"]["rows"]],
+            caption=("Duplicates whose labels contradict the kept row "
+                     f"({summary['label_conflicts']['count']})")))
+    parts += [_note(line.removeprefix("WARNING ")) for line in lines[1:]
+              if not line.startswith(("by type", "WARNING"))]
+    if summary and summary.get("no_id", {}).get("rows"):
+        no_id = summary["no_id"]
+        parts.append(_note(f"{no_id['rows']} rows without an id (spreadsheet rows "
+                           + ", ".join(str(n) for n in no_id["row_numbers"][:50])
+                           + (" ..." if no_id["rows"] > 50 else "") + f"), holding "
+                           f"{no_id['narratives_with_text']} narratives with text."))
+    return _section("dropped", title, *parts)
+
+
+def section_provenance(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
+    """What produced the answers: versions, platform, generation settings and the prompt
+    (issue #10); the sessions and every change of the stored configuration."""
+    import json
+
+    from asyncrunner.db.sessions import config_history, list_sessions
+
+    row = conn.execute("SELECT asyncrunner_version, parser_version, python_version, "
+                       "platform FROM experiments WHERE experiment_id = ?",
+                       (record.experiment_id,)).fetchone()
+    model = record.config.get("model", {})
+    prompt = record.config.get("prompt", {})
+    rows: list[tuple[str, Any]] = [
+        ("asyncrunner version", row[0] if row else None),
+        ("Parser version", row[1] if row else None),
+        ("Python", row[2] if row else None), ("Platform", row[3] if row else None),
+        ("Seed", record.run_seed), ("Temperature", record.temperature),
+        ("max_tokens", model.get("max_tokens")),
+        ("Response format", model.get("response_format") or "none"),
+        ("Extra request fields", json.dumps(model.get("extra_body") or {})),
+        ("Prompt version", record.prompt_version or prompt.get("version")),
+    ]
+    prompts = (f"<h3>System prompt</h3><pre>{_esc(record.system_prompt)}</pre>"
+               f"<h3>User template</h3><pre>{_esc(record.user_template)}</pre>")
+    sessions = list_sessions(conn, record.experiment_id)
+    session_rows = [(s["started_at"], s["intent"], s["n_done"], s["target"],
+                     s["ended_as"] or "-", ", ".join(s["allowed_drift"] or []) or "-",
+                     ", ".join(sorted(s["settings_diff"] or {})) or "-") for s in sessions]
+    changes = [(c["changed_at"], c["key"], json.dumps(c["old"]), json.dumps(c["new"]),
+                c["reason"]) for c in config_history(conn, record.experiment_id)]
+    parts = [_table(("Setting", "Value"), rows, cls="kv"), prompts]
+    if session_rows:
+        parts.append(_table(("Started (UTC)", "Intent", "Done", "Target", "Ended",
+                             "Allowed drift", "Session settings changed"), session_rows,
+                            caption="Sessions"))
+    if changes:
+        parts.append(_table(("When (UTC)", "Key", "Old", "New", "Why"), changes,
+                            caption="Changes of the stored configuration"))
+    return _section("provenance", "Provenance", *parts)
+
+
 # --------------------------------------------------------------------------- document
 
 _CSS = """
@@ -471,17 +621,19 @@ table.disagreements td:last-child{max-width:40em}
 def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
     require_matplotlib()  # before any work, so a missing extra fails fast and alone
     eid = record.experiment_id
-    points = load_points(conn, eid)
+    n_results, _ = store.count_results(conn, eid)
     scored = metrics_report(conn, eid)
     sections: list[Callable[[], str]] = [
-        lambda: section_summary(record, points, scored),
+        lambda: section_summary(record, n_results, scored),
         lambda: section_confusion(scored.overall),
         lambda: section_metrics(scored),
-        lambda: section_confidence(points),
-        lambda: section_calibration(points),
-        lambda: section_timeline(points),
+        lambda: section_confidence(confidence_histogram(conn, eid)),
+        lambda: section_calibration(calibration_bins(conn, eid)),
+        lambda: section_timeline(minute_stats(conn, eid)),
         lambda: section_errors(conn, eid),
         lambda: section_disagreements(conn, eid),
+        lambda: section_dropped(conn, record),
+        lambda: section_provenance(conn, record),
     ]
     title = f"asyncrunner report: {record.experiment_name or eid}"
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
