@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 from asyncrunner import __version__, logs, refusals
 from asyncrunner.config import DEFAULT_DB
@@ -24,6 +25,12 @@ from asyncrunner.db.schema import connect, connect_existing, connect_readonly, m
 from asyncrunner.errors import AsyncRunnerError, Stopped, UsageError
 from asyncrunner.ids import require_uuid
 from asyncrunner.results import status
+from asyncrunner.textsafe import for_terminal
+
+
+def say(text: str, *, file: IO[str] | None = None, flush: bool = False) -> None:
+    """Print to the console with control characters made visible (see textsafe)."""
+    print(for_terminal(text), file=file or sys.stdout, flush=flush)
 
 
 def db_path(args: argparse.Namespace) -> Path:
@@ -58,23 +65,29 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from asyncrunner.plan import check_categories
     from asyncrunner.progress_view import ProgressView
     from asyncrunner.session import execute, request_from_env
 
+    categories = check_categories(args.category) if args.category else None
     req = request_from_env(
         db_path(args), args.config, _run_overrides(args), resume=args.resume,
         experiment_id=args.experiment_id, retry_errors_only=args.retry_errors_only,
-        force=args.force, env=os.environ,
+        force=args.force, env=os.environ, allow_drift=tuple(args.allow_drift or ()),
+        categories=categories,
     )
+    if categories is not None and not req.retry_errors_only:
+        raise UsageError("--category chooses which errors --retry-errors-only retries; "
+                         "give --retry-errors-only (or RETRY_ERRORS_ONLY=1) too")
     with ProgressView.for_stream(sys.stdout) as view:
         summary = execute(req, on_commit=view.update)
     with closing(connect(req.db_path)) as conn:
         info = status.collect(conn, req.db_path, summary.experiment_id)
     if info:
-        print(status.render_detail(info))
-    print(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
+        say(status.render_detail(info))
+    say(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
     if summary.exports.get("report"):
-        print(f"report: {summary.exports['report']}")
+        say(f"report: {summary.exports['report']}")
     return 0
 
 
@@ -84,18 +97,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.latest:
         conn = _existing_db(args)
         try:
-            record = store.latest_resumable(conn)
+            record = store.latest_resumable(conn, db_path(args))
         finally:
             conn.close()
         if record is None:
             raise refusals.no_resumable()
-        print(f"latest resumable: {record.experiment_id} '{record.experiment_name}' "
+        say(f"latest resumable: {record.experiment_id} '{record.experiment_name}' "
               f"status {record.status}, {record.n_narratives_completed or 0}/"
               f"{record.n_narratives_total or 0} done, started {record.start_time}")
         if sys.stdin.isatty() and not args.yes:
             answer = input("resume it? [y/N] ").strip().lower()
             if answer not in ("y", "yes"):
-                print("not resumed")
+                say("not resumed")
                 return 0
         args.experiment_id = record.experiment_id
     args.resume = True
@@ -115,14 +128,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                     raise refusals.no_experiment(args.experiment_id, path)
                 text = json.dumps(info, indent=2) if args.json else status.render_detail(info)
             else:
-                rows = status.list_rows(conn)
+                rows = status.list_rows(conn, path)
                 text = json.dumps(rows, indent=2) if args.json else status.render_list(rows)
         finally:
             conn.close()
         if args.watch and sys.stdout.isatty():
-            print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S  ") + text, flush=True)
+            print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S  ") + for_terminal(text), flush=True)
         else:
-            print(text, flush=True)
+            say(text, flush=True)
         if not args.watch:
             return 0
         time.sleep(args.watch)
@@ -136,11 +149,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if store.get_experiment(conn, experiment_id) is None:
             raise refusals.no_experiment(experiment_id, db_path(args))
-        out = Path(args.out) if args.out else Path(f"{experiment_id}.{args.format}")
-        written = export(conn, experiment_id, args.format, out)
+        out = args.out or Path(f"{experiment_id}.{args.format}")
+        with _writing(out):
+            written = export(conn, experiment_id, args.format, out, with_text=args.with_text)
     finally:
         conn.close()
-    print(f"wrote {written}")
+    say(f"wrote {written}")
     return 0
 
 
@@ -154,11 +168,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         if record is None:
             raise refusals.no_experiment(experiment_id, db_path(args))
         output_dir = Path(record.config.get("run", {}).get("output_dir") or ".")
-        out = Path(args.out) if args.out else default_report_path(output_dir, experiment_id)
-        written = write_report(conn, experiment_id, out)
+        out = args.out or default_report_path(output_dir, experiment_id)
+        with _writing(out):
+            written = write_report(conn, experiment_id, out)
     finally:
         conn.close()
-    print(f"report: {written}")
+    say(f"report: {written}")
     return 0
 
 
@@ -171,7 +186,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result = compare(conn, first, second)
     finally:
         conn.close()
-    print(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
+    say(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
     return 0
 
 
@@ -183,14 +198,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         experiments.cancel(conn, path, experiment_id)
     finally:
         conn.close()
-    print(f"experiment {experiment_id} cancelled (resume it later with --force)")
+    say(f"experiment {experiment_id} cancelled (resume it later with --force)")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     path = db_path(args)
-    applied = migrate_existing(path)
-    print(f"migrated {path}: " + (", ".join(applied) if applied else "already up to date"))
+    applied, copy = migrate_existing(path)
+    if copy is not None:
+        say(f"backup written: {copy}")
+    say(f"migrated {path}: " + (", ".join(applied) if applied else "already up to date"))
     return 0
 
 
@@ -234,16 +251,60 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where help is)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, for_terminal(f"{self.prog}: error: {message} (see {self.prog} --help)")
+                  + "\n")
+
+
+def _interval(text: str) -> float:
+    """A refresh interval in seconds: a finite number from 0.5 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0.5 <= value <= 86_400:
+        raise argparse.ArgumentTypeError("must be between 0.5 and 86400 seconds")
+    return value
+
+
+def _output_file(text: str) -> Path:
+    """An --out path that names a file (not a folder) in a folder that exists or can be made."""
+    path = Path(text)
+    if not text.strip() or text.endswith(("/", "\\")) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file")
+    return path
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """An OS error while writing an output file is one line naming the file, exit 2."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, help="concurrent requests in flight")
     p.add_argument("--batch-size", type=_positive_int, help="results per commit")
     p.add_argument("--retry-errors-only", action="store_true",
                    help="with resume: reprocess only narratives whose result is an error")
+    p.add_argument("--category", metavar="CATS",
+                   help="with --retry-errors-only: the error categories to retry, comma-"
+                        "separated (api_error,rate_limit,timeout,parse_error,data_error,"
+                        "unknown) or all; default: all but data_error")
+    p.add_argument("--allow-drift", action="append", metavar="KEY",
+                   help="with resume: take this answer-changing setting (e.g. "
+                        "model.max_tokens) from the given YAML/flags instead of the stored "
+                        "experiment, and record the change; repeatable")
     p.add_argument("--force", action="store_true", help="allow resuming a cancelled experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asyncrunner",
         description="Concurrent, crash-safe LLM classification of case narratives.")
     parser.add_argument("--version", action="version", version=f"asyncrunner {__version__}")
@@ -272,20 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list experiments, or show one")
     p.add_argument("experiment_id", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--watch", type=_interval, metavar="SECONDS", help="refresh every SECONDS")
     _add_db(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write all results of an experiment")
     p.add_argument("experiment_id")
     p.add_argument("--format", choices=("csv", "json"), default="csv")
-    p.add_argument("--out", help="output file (default: <experiment_id>.<format>)")
+    p.add_argument("--out", type=_output_file,
+                   help="output file (default: <experiment_id>.<format>)")
+    p.add_argument("--with-text", action="store_true",
+                   help="add each result's narrative text (confidential: off by default)")
     _add_db(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of an experiment")
     p.add_argument("experiment_id")
-    p.add_argument("--out", help="output file (default: <output_dir>/<id>_report.html)")
+    p.add_argument("--out", type=_output_file,
+                   help="output file (default: <output_dir>/<id>_report.html)")
     _add_db(p)
     p.set_defaults(func=cmd_report)
 
@@ -324,19 +389,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The database, its -wal/-shm files, backups, exports, logs and reports hold narrative text
+# or answers about it: private to the operator unless they ask for the umask's modes.
+FILE_MODE_VARIABLE = "ASYNCRUNNER_FILE_MODE"
+PRIVATE_UMASK = 0o077
+
+
+def private_files(env: Mapping[str, str]) -> bool:
+    """Files 0600 and directories 0700, unless ASYNCRUNNER_FILE_MODE=umask."""
+    return env.get(FILE_MODE_VARIABLE, "").strip().lower() != "umask"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if private_files(os.environ):
+        os.umask(PRIVATE_UMASK)
     logs.configure()
     try:
         return int(args.func(args))
     except Stopped as exc:
-        print(f"asyncrunner: {exc}", file=sys.stderr)
+        say(f"asyncrunner: {exc}", file=sys.stderr)
         return exc.exit_code
     except AsyncRunnerError as exc:
-        print(f"asyncrunner: error: {exc}", file=sys.stderr)
+        say(f"asyncrunner: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("asyncrunner: interrupted", file=sys.stderr)
+        say("asyncrunner: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        return 1
+    except sqlite3.Error as exc:
+        # Never a traceback; nothing half-written stays (every write is a transaction).
+        say(f"asyncrunner: error: database error: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,9 @@ from asyncrunner.errors import ConfigError
 TEXT_PLACEHOLDER = "<<TEXT>>"
 DEFAULT_DB = "data/experiments.db"
 PROVIDERS = ("openai", "mock")
+# Cell texts that stand for "no narrative" (compared trimmed, ignoring case); a text with no
+# letter or digit at all (whitespace and punctuation only) is always blank as well.
+DEFAULT_PLACEHOLDERS = ("N/A", "NA", ".", "-", "none", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,8 @@ class DataSection:
         default_factory=lambda: {"LE": "ManualFlagLE", "CME": "ManualFlagCME"}
     )
     case_flag: str | None = "ManualFlag"
+    # issue #10: texts that count as blank (part of the ingest key, see ingest.mapping_json)
+    placeholders: list[str] = field(default_factory=lambda: list(DEFAULT_PLACEHOLDERS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +124,7 @@ def _type_name(tp: Any) -> str:
     base = args[0] if args else tp
     origin = typing.get_origin(base) or base
     return {str: "text", int: "an integer", float: "a number", bool: "true/false",
-            dict: "a mapping"}.get(origin, str(origin))
+            dict: "a mapping", list: "a list"}.get(origin, str(origin))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -145,6 +150,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is list and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+                raise ConfigError(f"config key '{key}[{i}]' must be text")
+        return [str(item) for item in value]
     elif origin is dict and isinstance(value, Mapping):
         _, val_t = typing.get_args(tp) or (str, Any)
         if val_t is str:

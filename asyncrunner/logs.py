@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import structlog
 
+from asyncrunner.textsafe import for_terminal
+
 FORBIDDEN_KEYS = frozenset({"text", "narrative_text", "narrative", "api_key", "authorization",
                             "prompt", "user_prompt", "messages", "content"})
 # Events the console shows at info level; everything at warning or above is shown too.
@@ -53,7 +55,7 @@ def _console_line(event: MutableMapping[str, Any]) -> str:
     prefix = "" if level == "info" else f"{level.upper()}: "
     message = event.get("message")
     body = message if message else name
-    return f"{prefix}{body}" + (f" ({extras})" if extras and not message else "")
+    return for_terminal(f"{prefix}{body}" + (f" ({extras})" if extras and not message else ""))
 
 
 def _fan_out(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

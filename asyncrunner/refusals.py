@@ -36,8 +36,10 @@ def completed(experiment_id: str) -> RefusedError:
                         "(start a new experiment to run it again)")
 
 
-def nothing_to_retry(experiment_id: str) -> RefusedError:
-    return RefusedError(f"experiment {experiment_id} is completed with no error rows; "
+def nothing_to_retry(experiment_id: str,
+                     categories: tuple[str, ...] | None = None) -> RefusedError:
+    which = f" in categories {', '.join(categories)}" if categories else ""
+    return RefusedError(f"experiment {experiment_id} has no error rows{which}; "
                         "nothing to retry")
 
 
@@ -59,13 +61,40 @@ def data_missing(experiment_id: str, data_file: str | None) -> RefusedError:
                         "restore it (same content) to resume")
 
 
-def data_changed(experiment_id: str, data_file: str | None) -> RefusedError:
+def data_changed(experiment_id: str, data_file: str | None, *, old: str | None = None,
+                 new: str | None = None, loaded_at: str | None = None,
+                 detail: str | None = None) -> RefusedError:
+    sums = f": checksum {old} (loaded {loaded_at or 'by the R version'}) is now {new}" \
+        if old and new else ""
+    why = f"; {detail}" if detail else ""
     return RefusedError(
         f"data file {data_file} has changed since experiment {experiment_id} started "
-        "(checksum mismatch); restore the original file to resume, or start a new "
-        "experiment with the new file")
+        f"(checksum mismatch{sums}{why}); restore the original file to resume, or start a "
+        "new experiment with the new file")
+
+
+def legacy_set_unknown(experiment_id: str, data_file: str | None) -> RefusedError:
+    return RefusedError(
+        f"experiment {experiment_id} has no stored checksum (R version) and the database "
+        f"holds narratives of several files without one, none named {data_file}; cannot tell "
+        "which it ran on: start a new experiment")
+
+
+def legacy_subset_unknown(experiment_id: str, n_total: int, n_rows: int) -> RefusedError:
+    return RefusedError(
+        f"experiment {experiment_id} (R version) covered {n_total} of the {n_rows} narratives "
+        "of its file, but not the first ones in file order; cannot tell which: start a new "
+        "experiment")
 
 
 def locked(experiment_id: str, pid: object, lock_file: Path) -> RefusedError:
     return RefusedError(f"experiment {experiment_id} is locked by running process PID {pid} "
                         f"(lock file {lock_file}); wait for it to finish or stop it first")
+
+
+def locked_by_pid_file(experiment_id: str, pid: object, lock_file: Path) -> RefusedError:
+    return RefusedError(
+        f"experiment {experiment_id} is locked by running process PID {pid}: its lock file "
+        f"{lock_file} holds a bare PID as the R version wrote it (no OS lock to check); wait "
+        f"for that run to finish, or if PID {pid} is not running this experiment, delete the "
+        "lock file and try again")

@@ -1,6 +1,7 @@
 """One session of an experiment: plan it, then carry the plan out with one shared tail.
 
-    draft (no database) -> lock -> plan (every guard) -> open the record -> pipeline -> end
+    draft (no database) -> lock -> [backup] -> plan (every guard) -> [backup] ->
+        open the record and the session row -> pipeline -> end (record and session row)
 
 The same tail serves a new experiment, a resume and a retry of error rows; only the plan
 differs. The session owns the experiment lock (held from before the plan is checked until
@@ -8,11 +9,17 @@ after the final status is written, released on every exit path), the synchronous
 connection used outside the pipeline, the run log, and the HTTP client the pipeline uses
 (with the built-in simulator started here for `provider: mock`). It ends every session in
 one status: `completed` after finalize, `interrupted` on a signal, `failed` with the reason
-on any unexpected error.
+on any unexpected error; and it records itself in the `sessions` table (db/sessions.py):
+intent, effective settings and their difference from the stored configuration, what it did
+and how it ended.
+
+Backups: before a resume writes anything (after its guards passed), and before a new run
+writes into a database that already holds experiments (before its ingest).
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import sys
@@ -30,7 +37,8 @@ import structlog
 
 from asyncrunner import logs
 from asyncrunner.config import Config
-from asyncrunner.db import backup, experiments, store
+from asyncrunner.db import backup, drops, experiments, sessions, store
+from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
 from asyncrunner.errors import AsyncRunnerError, RunFailed, Stopped
@@ -39,9 +47,20 @@ from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
 from asyncrunner.pipeline.writer import WriterSettings
-from asyncrunner.plan import Intent, RunPlan, RunRequest, complete, draft, request_from_env
+from asyncrunner.plan import (
+    LEGACY_ROWS,
+    Draft,
+    Intent,
+    RunPlan,
+    RunRequest,
+    complete,
+    draft,
+    file_change_lines,
+    request_from_env,
+)
 from asyncrunner.results.finalize import finalize
-from asyncrunner.vocab import Status
+from asyncrunner.settings import settings_hash
+from asyncrunner.vocab import SessionEnd, Status
 
 log = structlog.get_logger("asyncrunner.session")
 
@@ -66,12 +85,43 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
         log.warning("retry_errors_ignored",
                     message="RETRY_ERRORS_ONLY is set without RESUME: ignored; "
                             "set RESUME=1 and EXPERIMENT_ID to retry an experiment's errors")
+    if req.allow_drift and not req.resume:
+        log.warning("allow_drift_ignored",
+                    message="--allow-drift applies to a resume only: ignored for a new "
+                            "experiment")
     d = draft(req)
+    session_id = uuid.uuid4().hex
     with _sigterm_as_exception(), closing(connect(req.db_path)) as conn, \
             ExperimentLock(req.db_path, d.experiment_id) as lock, _run_log():
+        first_backup = _backup_before_new_run(conn, d)
         plan = complete(conn, d)
-        _open_record(conn, plan, lock, out)
-        return _carry_out(conn, plan, on_commit, transport)
+        _open_record(conn, plan, lock, out, session_id, first_backup)
+        return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport)
+
+
+def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
+    """A new run writes (its ingest, its record) into a database that may hold other
+    experiments' results: copy it first, as a resume does."""
+    if d.intent is not Intent.NEW:
+        return None
+    if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is None:
+        return None
+    backup.check_disk(d.request.db_path, 0, with_backup=True)
+    return backup.make_backup(d.request.db_path, label=backup.RUN_BACKUP)
+
+
+def _progress_for(plan: RunPlan, on_commit: Callable[[Snapshot], None] | None
+                  ) -> Callable[[Snapshot], None] | None:
+    """A retry of error rows shows its own progress (k of E errors), not the experiment's
+    N/N, which is complete from its first second."""
+    if on_commit is None or plan.intent is not Intent.RETRY_ERRORS:
+        return on_commit
+    callback = on_commit
+
+    def retry_progress(s: Snapshot) -> None:
+        callback(replace(s, done=s.session_done, total=plan.target))
+
+    return retry_progress
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
@@ -99,35 +149,132 @@ def _run_log() -> Iterator[None]:
 
 
 def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
-                 out: IO[str]) -> None:
+                 out: IO[str], session_id: str, first_backup: Path | None) -> None:
     """Check the disk, back up an existing experiment, then create or reopen its record
-    and say so: the first line on stdout is the experiment id."""
+    and the session row (one transaction) and say so: the first line on stdout is the
+    experiment id."""
     cfg, experiment_id = plan.config, plan.experiment_id
-    backup_path: Path | None = None
+    backup_path = first_backup
     backup.check_disk(plan.db_path, plan.target, with_backup=not plan.is_new)
-    if plan.is_new:
-        assert plan.ingest is not None
-        experiments.create(
-            conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
-            checksum=plan.ingest.data_checksum, n_total=plan.total,
-            api_url=redact_url(normalize_api_url(cfg.model.api_url)),
-            log_dir=str(Path(cfg.run.log_dir) / experiment_id))
-    else:
+    if not plan.is_new:
         backup_path = backup.make_backup(plan.db_path)
-        experiments.set_status(conn, experiment_id, Status.RUNNING)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if plan.is_new:
+            assert plan.ingest is not None
+            experiments.create(
+                conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
+                checksum=plan.ingest.data_checksum, n_total=plan.total,
+                api_url=redact_url(normalize_api_url(cfg.model.api_url)),
+                log_dir=str(Path(cfg.run.log_dir) / experiment_id))
+        else:
+            _record_resume(conn, plan, session_id)
+        sessions.open_session(
+            conn, session_id=session_id, experiment_id=experiment_id, intent=plan.intent,
+            target=plan.target, settings=_session_settings(cfg),
+            settings_hash=settings_hash(_session_settings(cfg)),
+            diff=dict(plan.settings_diff), allowed_drift=list(plan.allowed_drift),
+            retry_categories=(list(plan.retry_categories)
+                              if plan.retry_categories is not None else None))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     print(f"experiment_id: {experiment_id}", file=out, flush=True)
     logs.open_run_log(cfg.run.log_dir, experiment_id)
-    logs.bind(experiment_id=experiment_id, session=uuid.uuid4().hex[:8])
+    logs.bind(experiment_id=experiment_id, session=session_id)
     if lock.stale_holder:
         pid = lock.stale_holder.get("pid")
         who = f"PID {pid}, not running" if pid is not None else "unreadable content"
         log.warning("stale_lock", pid=pid, message=f"stale lock from {who}; replaced")
     for warning in plan.drift:
         log.warning("config_drift", message=warning)
+    for warning in plan.warnings:
+        log.warning("plan_warning", message=warning)
     if backup_path:
         log.info("backup", message=f"backup written: {backup_path}")
+    _log_data(conn, plan)
     _log_start(plan)
     _log_config(cfg)
+    if plan.settings_diff:
+        log.info("session_settings", message="this session differs from the stored "
+                 "configuration in: " + ", ".join(
+                     f"{k} {_brief(v['stored'])} -> {_brief(v['session'])}"
+                     for k, v in plan.settings_diff.items()),
+                 diff=dict(plan.settings_diff))
+
+
+def _brief(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _session_settings(cfg: Config) -> dict[str, object]:
+    """A session's effective settings as recorded: no secret (the key's variable name only),
+    the URL redacted."""
+    settings = cfg.to_dict()
+    settings["model"]["api_url"] = redact_url(normalize_api_url(cfg.model.api_url))
+    return settings
+
+
+def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
+    """What a resume changes besides the status, inside the session's opening transaction:
+    an R-era experiment's narrative set and checksum, allowed drift, and the metrics of a
+    completed experiment whose errors are retried (kept in metrics_history)."""
+    experiment_id = plan.experiment_id
+    if plan.legacy is not None:
+        _record_legacy(conn, plan, session_id)
+    if plan.stored_config is not None:
+        experiments.record_config(conn, experiment_id, session_id, dict(plan.stored_config),
+                                  list(plan.config_changes))
+    if plan.previous_status is Status.COMPLETED:
+        experiments.archive_metrics(conn, experiment_id, session_id)
+    experiments.set_status(conn, experiment_id, Status.RUNNING)
+
+
+def _record_legacy(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
+    legacy = plan.legacy
+    assert legacy is not None
+    if legacy.tag_source is not None:
+        if store.count_set(conn, legacy.checksum, None):
+            raise RunFailed(f"data file checksum {legacy.checksum} was loaded by another "
+                            "process meanwhile; run the resume again")
+        conn.execute(f"UPDATE source_narratives AS s SET data_checksum = ? WHERE {LEGACY_ROWS}",
+                     (legacy.checksum, legacy.tag_source))
+    if conn.execute("SELECT 1 FROM ingests WHERE data_checksum = ?",
+                    (legacy.checksum,)).fetchone() is None:
+        conn.execute(
+            "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_narratives, "
+            "loaded_at, data_path, origin) VALUES (?, ?, ?, ?, "
+            "(SELECT MIN(loaded_at) FROM source_narratives WHERE data_checksum = ?), ?, ?)",
+            (legacy.checksum, mapping_json(plan.config.data), plan.config.data.file,
+             legacy.n_rows, legacy.checksum, str(Path(plan.config.data.file).resolve()),
+             ORIGIN_ADOPTED))
+    experiments.record_checksum(conn, plan.experiment_id, session_id, legacy.checksum,
+                                legacy.max_narratives, plan.total)
+
+
+def _log_data(conn: sqlite3.Connection, plan: RunPlan) -> None:
+    """What the data file held and what it lost, in the run log of every session (the
+    `ingest` event; its `dropped` field is db/drops.py's summary)."""
+    checksum = plan.selection.checksum
+    summary = drops.drop_summary(conn, checksum)
+    lost = "not sent to the model: " + drops.describe(summary)[0]
+    if plan.is_new:
+        assert plan.ingest is not None
+        report = plan.ingest
+        for line in file_change_lines(report, plan.prior_loads):
+            log.warning("data_file_changed", message=line)
+        log.info("ingest", message=(
+            f"data {plan.config.data.file}: {report.n_narratives} narratives"
+            + ("" if report.loaded else " (already in the database; file not re-read)")
+            + f"; {lost}"), checksum=checksum, dropped=summary)
+        for line in drops.warnings(summary):
+            log.warning("dropped_warning", message=line)
+    else:
+        log.info("ingest", message=f"data {plan.config.data.file} (checksum {checksum}); "
+                 f"{lost}", checksum=checksum, dropped=summary)
 
 
 def _log_start(plan: RunPlan) -> None:
@@ -204,7 +351,7 @@ def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
     return replace(spec, client=replace(spec.client, api_url=url))
 
 
-def _carry_out(conn: sqlite3.Connection, plan: RunPlan,
+def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                on_commit: Callable[[Snapshot], None] | None,
                transport: httpx.AsyncBaseTransport | None) -> RunSummary:
     experiment_id = plan.experiment_id
@@ -218,16 +365,17 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan,
         if done < plan.total:
             raise RunFailed(f"work ran out with {done}/{plan.total} narratives stored")
         result = finalize(conn, experiment_id, Path(plan.config.run.output_dir))
+        sessions.end_session(conn, session_id, SessionEnd.COMPLETED)
     except (Stopped, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        _end_interrupted(conn, plan, signum)
+        _end_interrupted(conn, plan, session_id, signum)
         raise Stopped(signum) from None
     except AsyncRunnerError as exc:
-        _end_failed(conn, experiment_id, str(exc))
+        _end_failed(conn, experiment_id, session_id, str(exc))
         raise
     except BaseException as exc:
         reason = _describe(exc)
-        _end_failed(conn, experiment_id, reason)
+        _end_failed(conn, experiment_id, session_id, reason)
         raise RunFailed(f"run failed: {reason}; resume with "
                         f"`asyncrunner resume {experiment_id}`") from exc
     log.info("exports", message=f"results written: {result['exports']['csv']}, "
@@ -242,9 +390,11 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan,
     return RunSummary(experiment_id, Status.COMPLETED, result["metrics"], result["exports"])
 
 
-def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, signum: int) -> None:
+def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
+                     signum: int) -> None:
     name = signal.Signals(signum).name
     experiments.set_status(conn, plan.experiment_id, Status.INTERRUPTED, f"stopped by {name}")
+    _end_session(conn, session_id, SessionEnd.INTERRUPTED, f"stopped by {name}")
     done, _ = store.count_results(conn, plan.experiment_id)
     log.warning("run_interrupted", message=(
         f"interrupted: {done}/{plan.total} narratives stored; resume with "
@@ -252,9 +402,20 @@ def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, signum: int) -> No
         f"`asyncrunner resume {plan.experiment_id}`"))
 
 
-def _end_failed(conn: sqlite3.Connection, experiment_id: str, reason: str) -> None:
+def _end_failed(conn: sqlite3.Connection, experiment_id: str, session_id: str,
+                reason: str) -> None:
     experiments.set_status(conn, experiment_id, Status.FAILED, reason[:500])
+    _end_session(conn, session_id, SessionEnd.FAILED, reason[:500])
     log.error("run_failed", message=f"run failed: {reason[:300]}")
+
+
+def _end_session(conn: sqlite3.Connection, session_id: str, ended_as: SessionEnd,
+                 reason: str | None = None) -> None:
+    """Record how the session ended; a failure to do so must not hide why it ended."""
+    try:
+        sessions.end_session(conn, session_id, ended_as, reason)
+    except sqlite3.Error as exc:
+        log.warning("session_row", message=f"session end not recorded: {exc}")
 
 
 def _write_report(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""The closed vocabularies: experiment statuses and error categories.
+"""The closed vocabularies: experiment statuses, error categories, why an ingest dropped a
+narrative, and how a session ended.
 
 Both are `StrEnum`s whose values are exactly the strings stored in the database and named by
 the contract, so a member compares equal to its stored text and can be bound as an SQL
@@ -35,6 +36,28 @@ class ErrorCategory(StrEnum):
     DATA_ERROR = "data_error"
     UNKNOWN = "unknown"
 
+
+class DropReason(StrEnum):
+    """`ingest_drops.reason`: why a narrative slot of the data file was not loaded."""
+
+    BLANK = "blank"              # empty or whitespace
+    PLACEHOLDER = "placeholder"  # N/A, -, unknown, punctuation only... (data.placeholders)
+    DUPLICATE = "duplicate"      # a second row for the same (incident_id, narrative_type)
+    NO_ID = "no_id"              # the row has no incident id
+
+
+class SessionEnd(StrEnum):
+    """`sessions.ended_as`: how a session ended (NULL while it runs)."""
+
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    DIED = "died"                # no clean end: found open by a later session
+
+
+# Retried by default by --retry-errors-only: every category but data_error (the same input
+# would fail the same way), which is retried only when --category names it.
+RETRYABLE: frozenset[ErrorCategory] = frozenset(ErrorCategory) - {ErrorCategory.DATA_ERROR}
 
 # Resumable without --force (`running` only when no live process holds its lock).
 RESUMABLE: frozenset[Status] = frozenset({Status.RUNNING, Status.INTERRUPTED, Status.FAILED})

@@ -34,11 +34,12 @@ def completion(content: str, *, finish_reason: str = "stop") -> httpx.Response:
 
 
 class FakeLLM:
-    """`fail(text) -> status | None` decides per narrative text; `hang` blocks every
+    """`fail(text) -> status | (status, message) | None` decides per narrative text; `hang`
+    blocks every
     request until cancelled, `hang_from` every request from that number on; `after(n, hook)`
     calls `hook` when the n-th request arrives."""
 
-    def __init__(self, *, fail: Callable[[str], int | None] | None = None,
+    def __init__(self, *, fail: Callable[[str], int | tuple[int, str] | None] | None = None,
                  hang: bool = False, hang_from: int | None = None,
                  delay_s: float = 0.0) -> None:
         self.fail = fail
@@ -46,6 +47,7 @@ class FakeLLM:
         self.hang_from = hang_from
         self.delay_s = delay_s
         self.requests = 0
+        self.bodies: list[dict[str, object]] = []
         self.temperatures: Counter[float] = Counter()
         self.by_status: Counter[int] = Counter()
         self._hooks: dict[int, Callable[[], None]] = {}
@@ -63,16 +65,19 @@ class FakeLLM:
         if hook is not None:
             hook()
         body = json.loads(request.content)
+        self.bodies.append(body)
         text = body["messages"][-1]["content"]
         self.temperatures[body.get("temperature")] += 1
         if self.hang or (self.hang_from is not None and self.requests >= self.hang_from):
             await anyio.sleep_forever()
         if self.delay_s:
             await anyio.sleep(self.delay_s)
-        status = self.fail(text) if self.fail else None
-        if status is not None:
+        failure = self.fail(text) if self.fail else None
+        if failure is not None:
+            status, message = failure if isinstance(failure, tuple) else (failure, None)
             self.by_status[status] += 1
-            return httpx.Response(status, json={"error": {"message": f"scripted {status}"}})
+            return httpx.Response(status, json={"error": {
+                "message": message or f"scripted {status}"}})
         self.by_status[200] += 1
         return completion(json.dumps(answer_for(text)))
 

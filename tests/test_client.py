@@ -364,3 +364,210 @@ async def test_the_body_sent_is_the_json_of_build_body_for_every_prompt(
     for (system, user), request in zip(prompts, seen, strict=True):
         assert request.content == json.dumps(client.build_body(system, user)).encode()
     await client.http.aclose()
+
+
+# --- structured outputs, system role, parse retries (issue #15) ------------------------------
+
+
+async def test_json_schema_sends_the_bounded_answer_schema_in_openai_form() -> None:
+    from asyncrunner.llm.answer_schema import answer_schema
+
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, response_format="json_schema")
+    await client.complete("s", "u")
+    body = json.loads(seen[0].content)
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "narrative_classification", "strict": True, "schema": answer_schema(50)}}
+    assert body["response_format"]["json_schema"]["schema"]["properties"]["indicators"][
+        "maxItems"] == 1                    # max_tokens 50: the smallest tier
+    assert seen[0].content == json.dumps(client.build_body("s", "u")).encode()
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize("mode", [None, "none"])
+async def test_no_response_format_field_for_none(mode: str | None) -> None:
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, response_format=mode)
+    await client.complete("s", "u")
+    assert "response_format" not in json.loads(seen[0].content)
+    await client.http.aclose()
+
+
+def test_an_explicit_schema_replaces_the_bounded_one_and_bad_settings_are_refused() -> None:
+    custom = {"type": "object"}
+    client, _ = make_client(lambda r: httpx.Response(200), response_format="json_schema",
+                            response_schema=custom)
+    assert client.build_body("s", "u")["response_format"]["json_schema"]["schema"] == custom
+    with pytest.raises(ValueError, match="response format"):
+        make_client(lambda r: httpx.Response(200), response_format="yaml")
+    with pytest.raises(ValueError, match="system_role"):
+        make_client(lambda r: httpx.Response(200), system_role="developer")
+
+
+@pytest.mark.parametrize(("system", "expected"), [
+    ("Answer in JSON.", [{"role": "user", "content": "Answer in JSON.\n\nNarrative: x"}]),
+    ("", [{"role": "user", "content": "Narrative: x"}]),
+])
+async def test_system_role_user_puts_the_system_prompt_first_in_the_user_turn(
+        system: str, expected: list[dict[str, str]]) -> None:
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, system_role="user")
+    for _ in range(2):                          # the cached template, too
+        await client.complete(system, "Narrative: x")
+    for request in seen:
+        assert json.loads(request.content)["messages"] == expected
+        assert request.content == json.dumps(client.build_body(system, "Narrative: x")).encode()
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize("role", ["system", "user"])
+async def test_a_repair_turn_and_a_resample_seed_shape_the_request(role: str) -> None:
+    from asyncrunner.llm.parsing import repair_messages
+
+    handler, seen = scripted(httpx.Response(200, json=OK_BODY))
+    client, _ = make_client(handler, system_role=role, response_format="json_object")
+    followup = repair_messages("{'detected': True}", "no JSON object with 'detected'")
+    await client.complete("sys", "Narrative: x", followup=followup)
+    await client.complete("sys", "Narrative: x", seed=77)
+    await client.complete("sys", "Narrative: x")
+    repair, resample, plain = (json.loads(r.content) for r in seen)
+    assert repair["messages"][-2:] == followup
+    assert repair["messages"][:-2] == plain["messages"]
+    assert repair["seed"] == plain["seed"] == 1024 and resample["seed"] == 77
+    assert resample["messages"] == plain["messages"]
+    assert repair["response_format"] == {"type": "json_object"}
+    assert seen[0].content == json.dumps(client.build_body(
+        "sys", "Narrative: x", followup=followup)).encode()
+    await client.http.aclose()
+
+
+@pytest.mark.parametrize(("response", "category", "fatal"), [
+    (httpx.Response(401, json={"error": {"message": "Incorrect API key provided"}}),
+     "api_error", True),
+    (httpx.Response(403, json={"error": {"message": "forbidden"}}), "api_error", True),
+    (httpx.Response(404, json={"error": {"message": "The model `m` does not exist"}}),
+     "api_error", True),
+    (httpx.Response(404, text="<html><title>Not Found</title></html>"), "api_error", True),
+    # 400s naming a field this client sends
+    (httpx.Response(400, json={"error": {"message": "Unsupported value: 'temperature' does "
+                                         "not support 0.2 with this model.",
+                                         "param": "temperature"}}), "api_error", True),
+    (httpx.Response(400, json={"error": {"message": "Unsupported parameter: 'max_tokens' is "
+                                         "not supported with this model. Use "
+                                         "'max_completion_tokens' instead."}}),
+     "api_error", True),
+    (httpx.Response(400, json={"object": "error", "message": "top_k must be an integer",
+                               "type": "BadRequestError", "code": 400}), "api_error", True),
+    (httpx.Response(422, json={"detail": [{"loc": ["body", "foo"],
+                                           "msg": "Extra inputs are not permitted"}]}),
+     "api_error", True),
+    (httpx.Response(400, json={"error": {"code": 400, "type": "invalid_request_error",
+                                         "message": "JSON schema conversion failed"}}),
+     "api_error", True),
+    # about this prompt only: per-narrative errors
+    (httpx.Response(400, json={"error": {"message": "This model's maximum context length is "
+                                         "4096 tokens"}}), "data_error", False),
+    (httpx.Response(400, json={"error": {"code": 400, "type": "exceed_context_size_error",
+                                         "message": "request (5000 tokens) exceeds the "
+                                                    "available context size (4096 tokens), "
+                                                    "try increasing it"}}),
+     "data_error", False),
+    (httpx.Response(400, json={"error": {"message": "Invalid prompt: your prompt was flagged "
+                                         "as potentially violating our usage policy."}}),
+     "api_error", False),
+    (httpx.Response(413, text="too large"), "api_error", False),
+    (httpx.Response(500, text="boom"), "api_error", False),
+    (httpx.Response(429, text="slow"), "rate_limit", False),
+])
+async def test_fatal_failures_are_marked_and_not_retried(response: httpx.Response,
+                                                         category: str, fatal: bool) -> None:
+    from asyncrunner.llm.client import describe_fatal
+
+    handler, seen = scripted(response)
+    client, _ = make_client(handler, extra_body={"top_k": 5})
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.fatal) == (category, fatal)
+    if fatal:
+        assert len(seen) == 1 and not out.retryable
+        line = describe_fatal(out)
+        assert out.message in line and "\n" not in line
+
+
+def test_describe_fatal_names_the_cause() -> None:
+    from asyncrunner.llm.client import describe_fatal
+
+    def line(status: int) -> str:
+        return describe_fatal(RequestFailure("api_error", f"HTTP {status}: x", 0.1, 1,  # type: ignore[arg-type]
+                                             status=status, fatal=True))
+    assert "API key" in line(401) and "access" in line(403)
+    assert "model" in line(404) and "request field" in line(400)
+
+
+async def test_a_response_over_max_response_bytes_is_an_api_error_naming_the_limit() -> None:
+    from asyncrunner.llm.client import make_http_client
+
+    handler, seen = scripted(httpx.Response(200, content=b"x" * 2000))
+    http = make_http_client(1, 5.0, transport=httpx.MockTransport(handler),
+                            max_response_bytes=1000)
+    settings = ClientSettings(api_url="http://h/v1", model="m", temperature=0, max_tokens=8,
+                              timeout_s=5, max_attempts=3)
+    async with http:
+        out = await LLMClient(settings, http, AdaptiveLimiter(1)).complete("s", "u")
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.message, out.retryable, len(seen)) == (
+        "api_error", "response larger than max_response_bytes=1000", False, 1)
+
+
+async def test_the_aiohttp_transport_stops_reading_at_max_response_bytes() -> None:
+    from asyncrunner.llm.client import ResponseTooLarge
+    from asyncrunner.llm.transport import AiohttpTransport
+    from asyncrunner.sim import MockServer
+
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+    async with MockServer() as server:
+        for limit, too_large in ((100, True), (100_000, False)):
+            async with AiohttpTransport(max_connections=1,
+                                        max_response_bytes=limit) as transport:
+                request = httpx.Request("POST", server.url, content=body)
+                if too_large:
+                    with pytest.raises(ResponseTooLarge) as info:
+                        await transport.handle_async_request(request)
+                    assert info.value.limit == limit
+                else:
+                    response = await transport.handle_async_request(request)
+                    assert response.status_code == 200
+
+
+async def test_the_aiohttp_transport_counts_a_chunked_body_against_the_limit() -> None:
+    import asyncio
+
+    from asyncrunner.llm.client import ResponseTooLarge
+    from asyncrunner.llm.transport import AiohttpTransport
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):
+            writer.write(b"64\r\n" + b"y" * 100 + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for limit, too_large in ((500, True), (5000, False)):
+            async with AiohttpTransport(max_connections=1,
+                                        max_response_bytes=limit) as transport:
+                request = httpx.Request("GET", f"http://127.0.0.1:{port}/")
+                with anyio.fail_after(5):
+                    if too_large:
+                        with pytest.raises(ResponseTooLarge):
+                            await transport.handle_async_request(request)
+                    else:
+                        response = await transport.handle_async_request(request)
+                        assert len(response.content) == 2000
+    finally:
+        server.close()
+        await server.wait_closed()

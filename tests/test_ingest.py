@@ -16,7 +16,13 @@ from openpyxl import Workbook
 
 from asyncrunner.config import DataSection
 from asyncrunner.db import ingest as ingest_mod
-from asyncrunner.db.ingest import IngestReport, file_checksum, ingest, mapping_json
+from asyncrunner.db.ingest import (
+    IngestReport,
+    file_checksum,
+    ingest,
+    mapping_json,
+    read_digests,
+)
 from asyncrunner.db.schema import connect
 from asyncrunner.errors import InputError
 
@@ -77,8 +83,12 @@ def test_wide_to_long_xlsx(conn: sqlite3.Connection, tmp_path: Path) -> None:
     report = ingest(conn, DataSection(), path)
 
     checksum = hashlib.md5(path.read_bytes()).hexdigest()
+    digests = read_digests(DataSection(), path)
     assert report == IngestReport(str(path), checksum, True, n_rows=4, n_narratives=6,
-                                  n_blank=2, n_duplicates=0)
+                                  n_blank=2, n_duplicates=0, n_placeholder=0, n_no_id=0,
+                                  rows_digest=digests.rows_digest,
+                                  content_digest=digests.content_digest,
+                                  loaded_at=report.loaded_at)
     assert narratives(conn) == [
         ("00123", "LE", "LE one", 1, 1),
         ("00123", "CME", "CME one", 0, 1),
@@ -98,8 +108,11 @@ def test_wide_to_long_xlsx(conn: sqlite3.Connection, tmp_path: Path) -> None:
     assert dict(ing[0]) == {
         "data_checksum": checksum, "mapping_json": mapping_json(DataSection()),
         "data_source": str(path), "n_rows": 4, "n_narratives": 6, "n_blank": 2,
-        "n_duplicates": 0, "loaded_at": stored[0][2],
+        "n_duplicates": 0, "loaded_at": stored[0][2], "n_placeholder": 0, "n_no_id": 0,
+        "rows_digest": digests.rows_digest, "content_digest": digests.content_digest,
+        "data_path": str(path.resolve()), "origin": None,
     }
+    assert count(conn, "ingest_drops") == 2  # the two blank CME narratives
 
 
 def test_file_checksum_is_md5_of_bytes(tmp_path: Path) -> None:
@@ -173,14 +186,15 @@ def test_blanks_and_duplicates_counted(conn: sqlite3.Connection, tmp_path: Path)
         ["4", "LE d", None, None, None, None],
     ]
     report = ingest(conn, DataSection(), write_xlsx(tmp_path / "b.xlsx", rows))
-    assert (report.n_rows, report.n_narratives, report.n_blank, report.n_duplicates) == (
-        7, 4, 8, 2)
+    assert (report.n_rows, report.n_narratives, report.n_blank, report.n_duplicates,
+            report.n_no_id) == (7, 4, 4, 2, 4)
     assert narratives(conn) == [
         ("1", "LE", "LE a", 1, 1), ("1", "CME", "CME a", 1, 1),
         ("2", "CME", "CME b", 0, 0), ("4", "LE", "LE d", None, None),
     ]
-    # Every narrative slot of a counted row is accounted for exactly once.
-    assert report.n_rows * 2 == report.n_narratives + report.n_blank + report.n_duplicates
+    # Every narrative slot of a counted row is accounted for exactly once, and recorded.
+    assert report.n_rows * 2 == report.n_narratives + report.n_dropped
+    assert count(conn, "ingest_drops") == report.n_dropped
 
 
 @pytest.mark.parametrize(("value", "expected"), [

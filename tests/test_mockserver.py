@@ -32,7 +32,7 @@ NEGATIVE = "The decedent lived alone and had lost his job."
 ANSWER_KEYS = {"detected", "confidence", "indicators", "rationale"}
 
 
-def body(text: str = POSITIVE, model: str = "test-model") -> dict[str, Any]:
+def body(text: str = POSITIVE, model: str = "mock-classifier") -> dict[str, Any]:
     return {"model": model, "messages": [
         {"role": "system", "content": "You classify narratives. Answer in JSON."},
         {"role": "user", "content": f"Narrative:\n{text}"},
@@ -86,7 +86,7 @@ async def test_answer_is_a_chat_completion_with_the_requested_json(
     assert response.headers["content-type"] == "application/json"
     payload = response.json()
     assert payload["object"] == "chat.completion"
-    assert payload["model"] == "test-model"
+    assert payload["model"] == "mock-classifier"
     assert payload["id"] and isinstance(payload["created"], int)
     choice = payload["choices"][0]
     assert choice["finish_reason"] == "stop"
@@ -516,3 +516,246 @@ def test_serve_forever_runs_until_a_signal(signum: signal.Signals) -> None:
     assert "requests=1 completions=1 statuses=200:1 " in summary[0]
     assert "connections_opened=1 peak_connections=1" in summary[0]
     assert POSITIVE not in out + err  # request bodies are never logged
+
+
+# --------------------------------------------------------------------------- issue #15 modes
+
+from asyncrunner.llm.answer_schema import response_format_payload  # noqa: E402
+from asyncrunner.llm.client import (  # noqa: E402
+    ClientSettings,
+    Completion,
+    LLMClient,
+    make_http_client,
+)
+from asyncrunner.llm.parsing import parse_answer, repair_messages  # noqa: E402
+from asyncrunner.llm.throttle import AdaptiveLimiter  # noqa: E402
+from asyncrunner.sim.model import REFERENCE_MODEL  # noqa: E402
+
+SYSTEM = "You decide whether intimate partner violence is a circumstance. Answer in JSON."
+
+
+def with_format(mode: str, text: str = POSITIVE, max_tokens: int = 256) -> dict[str, Any]:
+    return {**body(text), "max_tokens": max_tokens,
+            "response_format": response_format_payload(mode, max_tokens)}
+
+
+async def test_rejecting_json_schema_as_llama_cpp_does(client: httpx.AsyncClient) -> None:
+    async with MockServer(reject_response_formats=("json_schema",)) as server:
+        rejected = await client.post(server.url, json=with_format("json_schema"))
+        fine = [await client.post(server.url, json=with_format(mode))
+                for mode in ("json_object", "none")]
+        stats = server.stats()
+    assert rejected.status_code == 400
+    error = rejected.json()["error"]
+    assert error["type"] == "invalid_request_error" and "JSON schema" in error["message"]
+    assert [r.status_code for r in fine] == [200, 200]
+    assert stats.outcome("format_rejected") == 1
+    assert stats.by_response_format == {"json_schema": 1, "json_object": 1, "none": 1}
+
+
+async def test_rejecting_json_object_as_lm_studio_does(client: httpx.AsyncClient) -> None:
+    async with MockServer(reject_response_formats=("json_object",)) as server:
+        rejected = await client.post(server.url, json=with_format("json_object"))
+        accepted = await client.post(server.url, json=with_format("json_schema"))
+    assert rejected.status_code == 400
+    assert rejected.json() == {"error": "'response_format.type' must be 'json_schema' or 'text'"}
+    assert accepted.status_code == 200
+
+
+async def test_an_unknown_type_lists_the_types_taken(client: httpx.AsyncClient) -> None:
+    async with MockServer(reject_response_formats=("xml",)) as server:
+        payload = {**body(), "response_format": {"type": "xml"}}
+        response = await client.post(server.url, json=payload)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        'response_format type must be one of "text" or "json_object", but got: xml')
+
+
+async def test_an_accepted_schema_is_recorded_verbatim_and_bounds_the_answer(
+        client: httpx.AsyncClient) -> None:
+    text = "Her ex-husband, a jealous partner, had stalked and choked her; domestic abuse."
+    async with MockServer() as server:
+        plain = json.loads(content_of(await client.post(server.url, json=body(text))))
+        response = await client.post(server.url, json=with_format("json_schema", text, 256))
+        stats = server.stats()
+    assert stats.last_response_format == response_format_payload("json_schema", 256)
+    assert len(plain["indicators"]) > 3
+    answer = json.loads(content_of(response))
+    assert answer["indicators"] == plain["indicators"][:3]          # maxItems 3
+    assert answer["detected"] == plain["detected"]
+
+
+async def test_invalid_json_once_then_valid_on_a_repair_turn() -> None:
+    async with MockServer(faults=FaultConfig(invalid_first_rate=1.0)) as server, \
+            make_http_client(1, 5.0) as http:
+        settings = ClientSettings(api_url=server.base_url, model=REFERENCE_MODEL,
+                                  temperature=0.0, max_tokens=256, timeout_s=5,
+                                  max_attempts=1, seed=1)
+        llm = LLMClient(settings, http, AdaptiveLimiter(1))
+        user = "Narrative:\n" + POSITIVE
+        first = await llm.complete(SYSTEM, user)
+        assert isinstance(first, Completion) and first.content is not None
+        assert first.content.startswith("{'detected': True")            # a Python dict
+        with pytest.raises(ValueError):
+            parse_answer(first.content)
+        repaired = await llm.complete(SYSTEM, user, followup=repair_messages(
+            first.content, "no JSON object with 'detected' in response"))
+        assert isinstance(repaired, Completion)
+        answer = parse_answer(repaired.content)
+        # the narrative was classified, not the repair instruction
+        assert answer.detected and "boyfriend" in answer.indicators
+        resampled = await llm.complete(SYSTEM, user, seed=99)          # seen before: valid
+        assert isinstance(resampled, Completion)
+        assert parse_answer(resampled.content) == answer
+        other = await llm.complete(SYSTEM, "Narrative:\n" + NEGATIVE)  # its own first time
+        assert isinstance(other, Completion) and other.content is not None
+        assert other.content.startswith("{'detected'")
+        stats = server.stats()
+    assert stats.repair_turns == 1 and stats.last_seed == 1
+    # the token ledger: what the client was told, summed over every attempt, is the
+    # simulator's own count of what it served
+    served = [first, repaired, resampled, other]
+    assert stats.prompt_tokens == sum(c.prompt_tokens or 0 for c in served)
+    assert stats.completion_tokens == sum(c.completion_tokens or 0 for c in served)
+    assert stats.completion_requests == 4
+
+
+async def test_invalid_first_picks_a_share_of_narratives(client: httpx.AsyncClient) -> None:
+    texts = [f"Case {i}: the decedent's husband was arrested." for i in range(200)]
+    async with MockServer(faults=FaultConfig(invalid_first_rate=0.25)) as server:
+        firsts = [content_of(await client.post(server.url, json=body(t))) for t in texts]
+    invalid = sum(c.startswith("{'") for c in firsts)
+    assert 0.15 * len(texts) < invalid < 0.35 * len(texts)
+    with pytest.raises(ValueError):
+        FaultConfig(invalid_first_rate=1.5)
+
+
+@pytest.mark.parametrize(("max_tokens", "finish_reason"), [(10, "length"), (512, "stop")])
+async def test_truncate_at_max_tokens(client: httpx.AsyncClient, max_tokens: int,
+                                      finish_reason: str) -> None:
+    async with MockServer(truncate_at_max_tokens=True) as server:
+        response = await client.post(server.url, json={**body(), "max_tokens": max_tokens})
+        stats = server.stats()
+    payload = response.json()
+    choice = payload["choices"][0]
+    assert choice["finish_reason"] == finish_reason
+    if finish_reason == "length":
+        assert len(choice["message"]["content"]) == 40
+        assert payload["usage"]["completion_tokens"] == 10
+        with pytest.raises(ValueError) as error:
+            parse_answer(choice["message"]["content"], "length", max_tokens)
+        assert str(error.value) == "answer cut off at max_tokens=10 (finish_reason=length)"
+    else:
+        parse_answer(choice["message"]["content"])
+    assert stats.completion_tokens == payload["usage"]["completion_tokens"]
+
+
+async def test_object_shaped_indicators(client: httpx.AsyncClient) -> None:
+    server = await faulty(object_indicators_rate=1.0)
+    try:
+        content = content_of(await post(client, server))
+    finally:
+        await server.stop()
+    indicators = json.loads(content)["indicators"]
+    assert indicators and all(set(i) == {"indicator", "evidence"} for i in indicators)
+    parsed = parse_answer(content).indicators
+    assert parsed[0] == f"{indicators[0]['indicator']}: {indicators[0]['evidence']}"
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (401, "invalid_api_key"), (403, "forbidden"), (404, "model_not_found")])
+async def test_fail_status_on_every_request(client: httpx.AsyncClient, status: int,
+                                            code: str) -> None:
+    async with MockServer(fail_status=status) as server:
+        responses = [await post(client, server) for _ in range(3)]
+        stats = server.stats()
+    assert [r.status_code for r in responses] == [status] * 3
+    assert responses[0].json()["error"]["code"] == code
+    assert stats.completion_requests == 3 and stats.status(status) == 3
+    assert stats.prompt_tokens == stats.completion_tokens == 0
+    with pytest.raises(ValueError):
+        MockServer(fail_status=500)
+
+
+async def test_api_key_is_checked(client: httpx.AsyncClient) -> None:
+    async with MockServer(api_key="sk-test") as server:
+        missing = await post(client, server)
+        wrong = await post(client, server, headers={"Authorization": "Bearer sk-nope"})
+        right = await post(client, server, headers={"Authorization": "Bearer sk-test"})
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+
+
+async def test_token_counts_cover_delivered_answers_only(client: httpx.AsyncClient) -> None:
+    async with MockServer(faults=FaultConfig(error_rate=0.5), seed=5) as server:
+        usages = []
+        for i in range(20):
+            r = await client.post(server.url, json=body(f"{POSITIVE} {i}"))
+            if r.status_code == 200:
+                usages.append(r.json()["usage"])
+        stats = server.stats()
+    assert 0 < len(usages) < 20
+    assert stats.prompt_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert stats.completion_tokens == sum(u["completion_tokens"] for u in usages)
+    assert f"tokens={stats.prompt_tokens}+{stats.completion_tokens}" in stats.summary()
+
+
+async def test_system_role_user_is_classified_on_the_narrative(
+        client: httpx.AsyncClient) -> None:
+    # the system prompt names "partner" violence; folded into the user turn it must not count
+    payload = {"model": REFERENCE_MODEL, "messages": [
+        {"role": "user", "content": f"{SYSTEM}\n\nNarrative:\n{NEGATIVE}"}]}
+    async with MockServer() as server:
+        answer = json.loads(content_of(await client.post(server.url, json=payload)))
+    assert answer == json.loads(classify_text("Narrative:\n" + NEGATIVE).to_json())
+
+
+def test_the_reference_model_ignores_temperature_and_seed() -> None:
+    texts = [f"Case {i}: her husband was jealous." for i in range(100)] + [POSITIVE, NEGATIVE]
+    for text in texts:
+        reference = classify_text(text)
+        assert classify_text(text, REFERENCE_MODEL, 0.9, 7) == reference
+        assert classify_text(text, "", 0.5, 1) == reference
+
+
+def test_other_models_and_sampling_answer_slightly_differently() -> None:
+    texts = [f"Case {i}: the decedent was found at home." for i in range(2000)]
+
+    def detections(*args: Any) -> list[bool]:
+        return [classify_text(t, *args).detected for t in texts]
+
+    reference = detections()
+    qwen, gpt = detections("qwen3-8b"), detections("gpt-oss-20b")
+    assert detections("qwen3-8b") == qwen                             # deterministic
+    for variant in (qwen, gpt):
+        differ = sum(a != b for a, b in zip(reference, variant, strict=True))
+        assert 0.02 * len(texts) < differ < 0.07 * len(texts)         # ~4 %
+    assert qwen != gpt
+    cold = detections("qwen3-8b", 0.0, 1)
+    assert cold == detections("qwen3-8b", 0.0, 2) == qwen           # T=0: seed irrelevant
+    warm1, warm2 = detections("qwen3-8b", 0.7, 1), detections("qwen3-8b", 0.7, 2)
+    assert warm1 != warm2 and warm1 == detections("qwen3-8b", 0.7, 1)
+    differ = sum(a != b for a, b in zip(cold, warm1, strict=True))
+    assert 0.015 * len(texts) < differ < 0.06 * len(texts)           # 0.7 x 5 % = 3.5 %
+    assert [classify_text(t, "qwen3-8b").confidence for t in texts[:50]] != [
+        classify_text(t).confidence for t in texts[:50]]
+
+
+async def test_the_request_model_temperature_and_seed_reach_the_answer(
+        client: httpx.AsyncClient) -> None:
+    text = "Narrative:\n" + POSITIVE
+    async with MockServer() as server:
+        payload = {**body(), "model": "qwen3-8b", "temperature": 0.7, "seed": 3}
+        answer = json.loads(content_of(await client.post(server.url, json=payload)))
+    assert answer == json.loads(classify_text(text, "qwen3-8b", 0.7, 3).to_json())
+
+
+def test_serve_forever_takes_the_new_options() -> None:
+    from asyncrunner.sim.server import _split_options
+
+    faults, kwargs = _split_options(0.0, {
+        "invalid_first_rate": 0.1, "object_indicators_rate": 0.2,
+        "reject_response_formats": ("json_schema",), "fail_status": 401, "api_key": "k",
+        "truncate_at_max_tokens": True})
+    assert (faults.invalid_first_rate, faults.object_indicators_rate) == (0.1, 0.2)
+    assert kwargs == {"reject_response_formats": ("json_schema",), "fail_status": 401,
+                      "api_key": "k", "truncate_at_max_tokens": True}

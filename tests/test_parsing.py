@@ -228,3 +228,134 @@ def test_bad_value_is_described_briefly() -> None:
 def test_pathological_input_is_fast_and_safe() -> None:
     assert "no JSON" in parse_error("{" * 20_000 + '"x": ' + "[" * 5000)
     assert parse_answer("{ " * 5000 + FULL) == FULL_ANSWER
+
+
+# --- issue #15: truncation named, indicators as JSON, parse-retry helpers ---------------------
+
+from asyncrunner.llm.parsing import (  # noqa: E402
+    indicators_json,
+    normalize_stored_indicators,
+    repair_messages,
+    resample_seed,
+)
+
+CUT = '{"detected": true, "confidence": 0.9, "indicators": ["partner", "thre'
+
+
+def parse_failure(content: str | None, finish_reason: str | None = None,
+                  max_tokens: int | None = None) -> AnswerParseError:
+    with pytest.raises(AnswerParseError) as info:
+        parse_answer(content, finish_reason, max_tokens)
+    return info.value
+
+
+@pytest.mark.parametrize("content", [
+    CUT, "```json\n" + CUT, '{"detected": true, "rationale": "the narr', '{"detected": tr',
+    '{"detected": true, "indicators": ["a", "b", "c", "d", "e", "f", "g"',
+    "no JSON at all, just prose that ran on and on",
+])
+def test_truncation_is_named_with_max_tokens(content: str) -> None:
+    error = parse_failure(content, "length", 256)
+    assert str(error) == "answer cut off at max_tokens=256 (finish_reason=length)"
+    assert error.truncated
+    assert str(parse_failure(content, "length")) == (
+        "answer cut off at max_tokens (finish_reason=length)")
+
+
+def test_other_reasons_keep_their_words_and_gain_the_cut() -> None:
+    assert str(parse_failure("", "length", 64)) == (
+        "empty response: answer cut off at max_tokens=64 (finish_reason=length)")
+    bad = parse_failure('{"detected": "maybe"}', "length", 64)
+    assert str(bad).startswith("'detected' must be") and bad.truncated
+    assert str(bad).endswith("answer cut off at max_tokens=64 (finish_reason=length)")
+
+
+@pytest.mark.parametrize("content", [CUT, '{"Detected": false, "rationale": "x'])
+def test_unfinished_json_without_finish_reason_length_is_named_too(content: str) -> None:
+    for finish_reason in (None, "stop"):
+        error = parse_failure(content, finish_reason, 256)
+        assert str(error) == "answer cut off: the JSON object is unfinished"
+        assert error.truncated and "finish_reason" not in str(error)
+
+
+@pytest.mark.parametrize("content", [
+    "{not json at all}", '{"detected": true,, }', "I cannot classify this narrative.",
+    '{"result": true, "confidence": 0.4', "{'detected': True, 'confidence': 0.9}",
+])
+def test_broken_but_finished_text_is_not_called_truncated(content: str) -> None:
+    error = parse_failure(content, "stop", 256)
+    assert not error.truncated and str(error) == "no JSON object with 'detected' in response"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ([{"indicator": "threats", "evidence": "he said he would kill her"}],
+     ("threats: he said he would kill her",)),
+    ([{"indicator": "threats", "severity": 3, "present": True}], ("threats",)),
+    ([{"score": 0.9}, {}, []], ()),
+    (["a", ["b", " c "]], ("a", "b, c")),
+    ([{"type": "stalking", "details": {"quote": "followed  her\nhome", "n": 2}}],
+     ("stalking: followed her home",)),
+    ([{"cue": "jealousy", "quotes": ["q1", "q2"]}], ("jealousy: q1, q2",)),
+])
+def test_object_shaped_indicators_are_flattened_to_text(value: Any,
+                                                        expected: tuple[str, ...]) -> None:
+    answer = answer_of(detected=True, indicators=value)
+    assert answer.indicators == expected
+    stored = indicators_json(answer.indicators)
+    assert json.loads(stored) == list(expected)
+    assert "{" not in stored and "'" not in stored
+
+
+def test_deeply_nested_indicator_objects_are_safe() -> None:
+    deep: Any = "core"
+    for _ in range(50):
+        deep = {"x": deep}
+    assert answer_of(detected=True, indicators=[deep, "b"]).indicators == ("b",)
+
+
+@pytest.mark.parametrize(("stored", "expected"), [
+    (None, None),
+    ("", None),
+    ("[]", "[]"),
+    ('["a", "b"]', '["a", "b"]'),
+    ('["caf\\u00e9"]', '["caf\\u00e9"]'),
+    # object indicators stored by older versions as Python reprs inside a JSON array
+    ("[\"{'indicator': 'threats', 'evidence': 'he said'}\", \"stalking\"]",
+     '["threats: he said", "stalking"]'),
+    # or as a whole Python literal
+    ("['a', {'indicator': 'b', 'score': 2}]", '["a", "b"]'),
+    ('[{"indicator": "x", "evidence": "y"}]', '["x: y"]'),
+    ('"single"', '["single"]'),
+    ("free text, not JSON", '["free text, not JSON"]'),
+    ('["{not a literal}"]', '["{not a literal}"]'),
+])
+def test_normalize_stored_indicators_for_migrate(stored: str | None,
+                                                 expected: str | None) -> None:
+    result = normalize_stored_indicators(stored)
+    assert result == expected
+    if result is not None:
+        assert all(isinstance(item, str) for item in json.loads(result))
+        assert normalize_stored_indicators(result) == result      # idempotent
+
+
+def test_repair_messages() -> None:
+    turns = repair_messages("{'detected': True}", "no JSON object with 'detected' in response")
+    assert [t["role"] for t in turns] == ["assistant", "user"]
+    assert turns[0]["content"] == "{'detected': True}"
+    instruction = turns[1]["content"]
+    assert "no JSON object with 'detected' in response" in instruction
+    assert "only the JSON object" in instruction and '"detected"' in instruction
+    assert repair_messages(None, "empty response")[0]["content"] == "(no answer)"
+    assert len(repair_messages("x" * 10_000, "r")[0]["content"]) == 4000
+
+
+def test_resample_seed() -> None:
+    assert resample_seed(1024, 1) == 1024
+    seeds = [resample_seed(1024, attempt) for attempt in (2, 3, 4)]
+    assert len(set(seeds)) == 3 and 1025 not in seeds and 1024 not in seeds
+    assert seeds == [resample_seed(1024, attempt) for attempt in (2, 3, 4)]   # reproducible
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert resample_seed(1025, 2) != seeds[0]
+    assert isinstance(resample_seed(None, 2), int)
+    with pytest.raises(ValueError):
+        resample_seed(1024, 0)

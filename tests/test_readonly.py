@@ -180,7 +180,9 @@ def test_after_migrate_every_read_command_works_and_still_writes_nothing(
     build_r_era(db)
     proc = run_cli("migrate", "--db", str(db), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"migrated {db}: m1_create_tables, m2_add_missing_columns")
+    first, second = proc.stdout.splitlines()[:2]
+    assert first.startswith(f"backup written: {db}.pre_migration_backup_")  # issue #10
+    assert second.startswith(f"migrated {db}: m1_create_tables, m2_add_missing_columns")
     before = state(db)
 
     status = run_cli("status", "--db", str(db), cwd=tmp_path)

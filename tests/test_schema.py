@@ -17,7 +17,7 @@ from asyncrunner.db.schema import SCHEMA_VERSION, TABLES, connect, migrate
 # The schema the earlier R version wrote (design documents): no checksum, no progress
 # columns, no attempt tracking, and no unique index on results, so duplicates could pile
 # up. Its source_narratives was UNIQUE(incident_id, narrative_type), which a changed file at
-# the same path cannot satisfy; migrations keep that constraint for now (a later issue).
+# the same path cannot satisfy; migration 5 rebuilds that table without it.
 LEGACY_DDL = """
 CREATE TABLE source_narratives (
   narrative_id INTEGER PRIMARY KEY, incident_id TEXT, narrative_type TEXT,
@@ -53,9 +53,9 @@ ALTER TABLE narrative_results ADD COLUMN last_attempt_at TEXT;
 ALTER TABLE narrative_results ADD COLUMN error_category TEXT;
 """
 
-# What an R-era database still differs in after migrating (see LEGACY_DDL): the index SQLite
-# made for its UNIQUE(incident_id, narrative_type). Empty once a migration rebuilds it.
-R_LEFTOVER_INDEXES = {"sqlite_autoindex_source_narratives_1"}
+# What an R-era database still differs in after migrating (see LEGACY_DDL): nothing since
+# migration 5 rebuilt source_narratives without R's UNIQUE(incident_id, narrative_type).
+R_LEFTOVER_INDEXES: set[str] = set()
 
 LEGACY_RESULTS = [("e1", "1", "LE", 0, "old"), ("e1", "1", "LE", 1, "newer"),
                   ("e1", "1", "CME", 0, "only"), ("e1", "2", "LE", 1, "x"),
@@ -215,6 +215,14 @@ def test_r_era_database_upgrades_to_the_fresh_schema(
         assert conn.execute("SELECT COUNT(*) FROM source_narratives").fetchone()[0] == 3
         assert conn.execute(
             "SELECT COUNT(*) FROM narrative_results WHERE attempt_count = 1").fetchone()[0] == 3
+        # rebuilt as a fresh database declares it (R had no NULL ids, so NOT NULL holds)
+        assert got["source_narratives"] == want["source_narratives"]
+        assert [tuple(r) for r in conn.execute(
+            "SELECT narrative_id, incident_id FROM source_narratives ORDER BY 1")] == [
+            (1, "1"), (2, "1"), (3, "2")]
+        # R left the progress counters at 0; they are backfilled from the results
+        assert conn.execute("SELECT n_narratives_completed, n_narratives_processed "
+                            "FROM experiments").fetchone()[:] == (3, 3)
 
 
 def test_cli_migrate_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,3 +234,39 @@ def test_cli_migrate_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "unique_results" in capsys.readouterr().out
     assert main(["--db", str(path), "migrate"]) == 0
     assert "already up to date" in capsys.readouterr().out
+
+
+def test_r_era_source_with_null_ids_keeps_every_row(tmp_path: Path) -> None:
+    """R did not declare NOT NULL: a row without an id survives the rebuild (the column
+    stays nullable), and a second load of the same narratives is now possible."""
+    path = tmp_path / "r.db"
+    build_legacy(path)
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO source_narratives (incident_id, narrative_type, "
+                     "narrative_text) VALUES (NULL, 'LE', 'orphan')")
+        conn.execute("CREATE INDEX r_own_index ON source_narratives(data_source)")
+        conn.commit()
+    with closing(connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM source_narratives").fetchone()[0] == 4
+        assert "r_own_index" in indexes(conn) and "ix_source_checksum" in indexes(conn)
+        conn.execute("INSERT INTO source_narratives (incident_id, narrative_type, "
+                     "narrative_text, data_checksum) VALUES ('1', 'LE', 'a', 'new')")
+        assert conn.execute("SELECT COUNT(*) FROM source_narratives WHERE incident_id = '1' "
+                            "AND narrative_type = 'LE'").fetchone()[0] == 2
+
+
+def test_r_era_unique_constraint_made_run_crash_before_migration_5(tmp_path: Path) -> None:
+    """The failure migration 5 removes: at version 4, loading a second version of a file
+    into an R database was an IntegrityError."""
+    path = tmp_path / "r.db"
+    build_legacy(path)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        for number, step in enumerate(schema.MIGRATIONS[:4], start=1):
+            step(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO source_narratives (incident_id, narrative_type, "
+                         "data_checksum) VALUES ('1', 'LE', 'new')")
+        migrate(conn)
+        conn.execute("INSERT INTO source_narratives (incident_id, narrative_type, "
+                     "data_checksum) VALUES ('1', 'LE', 'new')")

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,7 +208,8 @@ def test_resume_uses_stored_settings_and_warns_about_drift(
     fake = FakeLLM()
     resume(db, experiment_id, fake, config_path=str(drifted))
     assert set(fake.temperatures) == {0.0}
-    assert "config drift: model.temperature in the YAML is 0.7" in console.getvalue()
+    assert ("config drift: model.temperature is 0.7 in the YAML, the experiment ran with 0.0; "
+            "using the stored value") in console.getvalue()
     stored = json.loads(str(experiment_row(db, experiment_id)["config_json"]))
     assert stored["model"]["temperature"] == 0.0
 
@@ -235,17 +237,26 @@ def test_retry_errors_without_resume_is_a_warning_and_a_new_run(
     assert "RETRY_ERRORS_ONLY is set without RESUME" in console.getvalue()
 
 
-@pytest.mark.parametrize("content", [b"12345\n", b"\x00garbage{", b'{"pid": 999999999}'])
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("content", ["{dead}\n", "{dead}", "\x00garbage{", '{"pid": 999999999}',
+                                     "-1\n", "0\n", "99999999999999999999\n"])
 def test_a_stale_lock_file_in_any_format_is_reported_and_replaced(
-        setup: tuple[Path, Path], console: io.StringIO, content: bytes) -> None:
+        setup: tuple[Path, Path], console: io.StringIO, content: str) -> None:
     db, cfg = setup
     experiment_id = interrupted_run(db, cfg)
-    lock_path(db, experiment_id).write_bytes(content)
+    pid = dead_pid()
+    lock_path(db, experiment_id).write_bytes(content.replace("{dead}", str(pid)).encode())
     assert resume(db, experiment_id, FakeLLM()).status is Status.COMPLETED
     shown = console.getvalue()
     assert "stale lock from" in shown and "; replaced" in shown
-    if content.strip().isdigit():
-        assert "PID 12345, not running" in shown
+    if content.startswith("{dead}"):
+        assert f"stale lock from PID {pid}, not running; replaced" in shown
     assert not lock_path(db, experiment_id).exists()
 
 

@@ -1,4 +1,5 @@
-"""Consistent database backups before a resume changes anything.
+"""Consistent database backups before a resume, a new run into a database holding
+experiments, or a migration changes anything.
 
 SQLite's online backup API copies a consistent snapshot even while the database is in WAL
 mode with a `-wal` file beside it; a plain file copy of the main file would miss committed
@@ -21,8 +22,12 @@ BYTES_PER_RESULT = 8 * 1024
 HEADROOM_BYTES = 50 * 1024 * 1024
 
 
-def backup_pattern(db_path: Path) -> str:
-    return f"{db_path.name}.resume_backup_*"
+RESUME_BACKUP = "resume_backup"
+RUN_BACKUP = "pre_run_backup"   # a new run into a database holding experiments
+
+
+def backup_pattern(db_path: Path, label: str = RESUME_BACKUP) -> str:
+    return f"{db_path.name}.{label}_*"
 
 
 def required_bytes(db_path: Path, remaining: int) -> int:
@@ -49,12 +54,16 @@ def _mib(n: int) -> str:
     return f"{n / 1024 / 1024:.0f} MiB"
 
 
-def make_backup(db_path: Path, *, keep: int = KEEP) -> Path:
+def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) -> Path:
+    """`<db>.<label>_<time>`: before a resume writes (resume_backup), before a new run
+    writes into a database holding experiments (pre_run_backup), before a migration
+    (pre_migration_backup); the newest `keep` of each label are kept, so a series of new
+    runs never rotates a resume's backups away."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    target = db_path.with_name(f"{db_path.name}.resume_backup_{stamp}")
+    target = db_path.with_name(f"{db_path.name}.{label}_{stamp}")
     n = 1
     while target.exists():
-        target = db_path.with_name(f"{db_path.name}.resume_backup_{stamp}_{n}")
+        target = db_path.with_name(f"{db_path.name}.{label}_{stamp}_{n}")
         n += 1
     partial = target.with_name(target.name + ".partial")
     try:
@@ -67,16 +76,16 @@ def make_backup(db_path: Path, *, keep: int = KEEP) -> Path:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
-    prune(db_path, keep=keep)
+    prune(db_path, keep=keep, label=label)
     return target
 
 
-def list_backups(db_path: Path) -> list[Path]:
-    found = [p for p in db_path.parent.glob(backup_pattern(db_path))
+def list_backups(db_path: Path, label: str = RESUME_BACKUP) -> list[Path]:
+    found = [p for p in db_path.parent.glob(backup_pattern(db_path, label))
              if not p.name.endswith(".partial")]
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def prune(db_path: Path, *, keep: int = KEEP) -> None:
-    for old in list_backups(db_path)[:-keep]:
+def prune(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) -> None:
+    for old in list_backups(db_path, label)[:-keep]:
         old.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The experiment record: create it, check it can be resumed, move it between statuses.
+"""The experiment record: create it, check it can be resumed, move it between statuses, and
+keep the history of its configuration and metrics.
 
 This module owns the `experiments` row outside the pipeline (the writer updates only its
 progress counters, in the same transaction as the results). Which status may follow which
@@ -9,15 +10,19 @@ the table does not allow: a completed experiment cannot silently become `running
 from __future__ import annotations
 
 import json
+import platform
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncrunner import refusals
-from asyncrunner.clock import local_now
+from asyncrunner import __version__, refusals
+from asyncrunner.clock import local_now, utc_now
 from asyncrunner.config import Config
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.store import ExperimentRecord, count_results, get_experiment
+from asyncrunner.llm.parsing import PARSER_VERSION
+from asyncrunner.settings import flatten
 from asyncrunner.vocab import RESUMABLE, Status
 
 # status -> the statuses it may move to. `running -> running` is a resume after a crash
@@ -37,25 +42,34 @@ class TransitionError(RuntimeError):
     """A status change the rules do not allow: a bug in the caller, not an operator error."""
 
 
+def provenance() -> dict[str, str]:
+    """What produced an experiment's answers besides its configuration."""
+    return {"asyncrunner_version": __version__, "parser_version": PARSER_VERSION,
+            "python_version": platform.python_version(), "platform": platform.platform()}
+
+
 def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_file: str,
            checksum: str, n_total: int, api_url: str, log_dir: str) -> None:
     m, p, r = cfg.model, cfg.prompt, cfg.run
     stored = cfg.to_dict()
     stored["model"]["api_url"] = api_url  # already redacted by the caller
+    prov = provenance()
     conn.execute(
         """
         INSERT INTO experiments (
             experiment_id, experiment_name, status, model_name, model_provider, temperature,
             api_url, system_prompt, user_template, prompt_version, run_seed, data_file,
             data_checksum, max_narratives, n_narratives_total, n_narratives_processed,
-            n_narratives_completed, start_time, log_dir, config_json
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)
+            n_narratives_completed, start_time, log_dir, config_json, asyncrunner_version,
+            parser_version, python_version, platform
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?)
         """,
         (
             experiment_id, cfg.experiment.name, Status.RUNNING, m.name, m.provider,
             m.temperature, api_url, p.system_prompt, p.user_template, p.version, r.seed,
             data_file, checksum, r.max_narratives, n_total, local_now(), log_dir,
-            json.dumps(stored),
+            json.dumps(stored), prov["asyncrunner_version"], prov["parser_version"],
+            prov["python_version"], prov["platform"],
         ),
     )
 
@@ -78,10 +92,13 @@ def set_status(conn: sqlite3.Connection, experiment_id: str, status: Status,
     if current is not None and status not in TRANSITIONS[current]:
         raise TransitionError(f"experiment {experiment_id}: {current} -> {status} "
                               "is not an allowed status change")
+    # An ended experiment has no ETA: nobody is working towards it any more.
     conn.execute(
         "UPDATE experiments SET status = ?, failure_reason = ?, "
-        "end_time = CASE WHEN ? THEN ? ELSE NULL END WHERE experiment_id = ?",
-        (status, reason, status.ended, local_now(), experiment_id),
+        "end_time = CASE WHEN ? THEN ? ELSE NULL END, "
+        "estimated_completion_time = CASE WHEN ? THEN NULL "
+        "ELSE estimated_completion_time END WHERE experiment_id = ?",
+        (status, reason, status.ended, local_now(), status.ended, experiment_id),
     )
 
 
@@ -122,7 +139,8 @@ def cancel(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> None:
         set_status(conn, experiment_id, Status.CANCELLED, "cancelled by operator")
 
 
-# (config path, record attribute) pairs that the stored experiment decides on resume.
+# (config path, record column) pairs: the configuration an experiment keeps in columns of
+# its own (operators query them), beside the full configuration in config_json.
 AUTHORITATIVE: tuple[tuple[tuple[str, str], str], ...] = (
     (("model", "name"), "model_name"),
     (("model", "provider"), "model_provider"),
@@ -134,31 +152,73 @@ AUTHORITATIVE: tuple[tuple[tuple[str, str], str], ...] = (
     (("data", "file"), "data_file"),
     (("run", "max_narratives"), "max_narratives"),
 )
+COLUMN_OF: dict[str, str] = {f"{section}.{key}": column
+                             for (section, key), column in AUTHORITATIVE}
 
 
-def _same(mine: Any, stored: Any) -> bool:
-    if isinstance(stored, float) or isinstance(mine, float):
-        if mine is None or stored is None:
-            return mine is None and stored is None
-        return float(mine) == float(stored)
-    return bool(mine == stored)
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """One change of an experiment's stored configuration, for `config_history`."""
+
+    key: str
+    old: Any
+    new: Any
+    reason: str      # CHANGE_ALLOWED_DRIFT, CHANGE_ADOPTED, CHANGE_CHECKSUM, CHANGE_SUBSET
 
 
-def config_drift(record: ExperimentRecord, cfg: Config) -> list[str]:
-    """One warning per setting where the YAML differs from the stored experiment."""
-    warnings: list[str] = []
-    current = cfg.to_dict()
-    for (section, key), attr in AUTHORITATIVE:
-        mine: Any = current[section][key]
-        stored: Any = getattr(record, attr)
-        if not _same(mine, stored):
-            warnings.append(
-                f"config drift: {section}.{key} in the YAML is {_short(mine)}, the experiment "
-                f"ran with {_short(stored)}; using the stored value"
-            )
-    return warnings
+CHANGE_ALLOWED_DRIFT = "allowed drift (--allow-drift)"
+CHANGE_ADOPTED = "not recorded by the R version; taken from this session's settings"
+CHANGE_CHECKSUM = "no checksum stored (R version); computed from the data file at resume"
+CHANGE_SUBSET = "the R experiment covered the first narratives of its file only"
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "...'"
+def record_config(conn: sqlite3.Connection, experiment_id: str, session_id: str,
+                  config: dict[str, Any], changes: list[ConfigChange]) -> None:
+    """Store `config` as the experiment's configuration (its columns too) and one
+    `config_history` row per change. Call inside the caller's transaction."""
+    flat = flatten(config)
+    assignments = {column: flat.get(key) for key, column in COLUMN_OF.items()
+                   if any(c.key == key or c.key.startswith(key + ".") for c in changes)}
+    sets = "".join(f", {column} = :{column}" for column in assignments)
+    conn.execute(f"UPDATE experiments SET config_json = :config{sets} "
+                 "WHERE experiment_id = :experiment_id",
+                 {"config": json.dumps(config), "experiment_id": experiment_id, **assignments})
+    now = utc_now()
+    conn.executemany(
+        "INSERT INTO config_history (experiment_id, session_id, changed_at, key, old_value, "
+        "new_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(experiment_id, session_id, now, c.key, json.dumps(c.old, default=str),
+          json.dumps(c.new, default=str), c.reason) for c in changes])
+
+
+def record_checksum(conn: sqlite3.Connection, experiment_id: str, session_id: str,
+                    checksum: str, max_narratives: int | None, n_total: int) -> None:
+    """An R-era experiment's narrative set, identified at its first resume here."""
+    changes = [ConfigChange("data_checksum", None, checksum, CHANGE_CHECKSUM)]
+    if max_narratives is not None:
+        changes.append(ConfigChange("run.max_narratives", None, max_narratives, CHANGE_SUBSET))
+    conn.execute("UPDATE experiments SET data_checksum = ?, n_narratives_total = ?, "
+                 "max_narratives = COALESCE(?, max_narratives) WHERE experiment_id = ?",
+                 (checksum, n_total, max_narratives, experiment_id))
+    conn.executemany(
+        "INSERT INTO config_history (experiment_id, session_id, changed_at, key, old_value, "
+        "new_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(experiment_id, session_id, utc_now(), c.key, json.dumps(c.old), json.dumps(c.new),
+          c.reason) for c in changes])
+
+
+def archive_metrics(conn: sqlite3.Connection, experiment_id: str, session_id: str) -> bool:
+    """Keep a completed experiment's metrics before a session recomputes them; returns
+    whether there were any. Call inside the caller's transaction."""
+    cursor = conn.execute(
+        """INSERT INTO metrics_history (experiment_id, recorded_at, superseded_by_session,
+               completed_at, n_results, n_errors, n_tp, n_fp, n_tn, n_fn, precision, recall,
+               f1, accuracy, metrics_json)
+           SELECT experiment_id, ?, ?, end_time,
+               (SELECT COUNT(*) FROM narrative_results r WHERE r.experiment_id = e.experiment_id),
+               (SELECT COALESCE(SUM(error_occurred), 0) FROM narrative_results r
+                WHERE r.experiment_id = e.experiment_id),
+               n_tp, n_fp, n_tn, n_fn, precision, recall, f1, accuracy, metrics_json
+           FROM experiments e WHERE experiment_id = ? AND metrics_json IS NOT NULL""",
+        (utc_now(), session_id, experiment_id))
+    return cursor.rowcount > 0

@@ -8,6 +8,12 @@ This module owns reading the operator's data file and nothing after it. It
     (one per case x narrative type), keeping IDs as the text an operator sees ("00123");
   * reads the manual labels in the spellings hand-kept sheets use (1/0, yes/no, y/n,
     true/false, blank = unknown) and refuses anything else, naming row and column;
+  * records every narrative slot it does not load in `ingest_drops` (spreadsheet row, id,
+    type, reason, labels; never text): blank or placeholder text (`data.placeholders`, and
+    any text without a letter or digit), a duplicate (incident_id, narrative_type) with
+    whether its labels or text contradict the kept row, or a row without an id;
+  * stores two digests of the normalized cells beside the file's MD5 (every cell; the cells
+    the mapping reads), so a re-save that changes bytes but no cell can be told apart;
   * writes everything, including the `ingests` record, in one transaction.
 
 It is synchronous (sqlite3) and runs before any event loop exists. Errors are `InputError`
@@ -25,7 +31,7 @@ import zipfile
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -33,6 +39,7 @@ from typing import Any
 
 from asyncrunner.config import DataSection
 from asyncrunner.errors import InputError
+from asyncrunner.vocab import DropReason
 
 CHECKSUM_CHUNK_BYTES = 1 << 20
 INSERT_CHUNK_ROWS = 5_000
@@ -48,6 +55,14 @@ _INSERT_SQL = (
     "manual_flag_ind, manual_flag, data_source, data_checksum, loaded_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_DROP_SQL = (
+    "INSERT INTO ingest_drops (data_checksum, row_number, incident_id, narrative_type, "
+    "reason, manual_flag_ind, manual_flag, kept_row_number, has_text, label_conflict, "
+    "text_differs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# `ingests.origin` of narratives found under a checksum with no ingest record (loaded by the
+# R version, which stored the same MD5): adopted as they are, never loaded a second time.
+ORIGIN_ADOPTED = "adopted"
 
 Row = tuple[int, Sequence[Any]]  # (spreadsheet row number, header = 1; cell values)
 
@@ -59,8 +74,36 @@ class IngestReport:
     loaded: bool  # False when this checksum + mapping was already in the DB (file not parsed)
     n_rows: int
     n_narratives: int
-    n_blank: int
+    n_blank: int          # empty or placeholder text (n_placeholder of them placeholders)
     n_duplicates: int
+    n_placeholder: int = 0
+    n_no_id: int = 0      # narrative slots of rows without an id
+    rows_digest: str | None = None
+    content_digest: str | None = None
+    loaded_at: str | None = None
+    origin: str | None = None        # ORIGIN_ADOPTED: rows found without an ingest record
+    placeholders_applied: bool = True  # False: loaded before data.placeholders existed
+
+    @property
+    def n_dropped(self) -> int:
+        return self.n_blank + self.n_duplicates + self.n_no_id
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """What a file holds, as normalized cells: every cell, and the cells the mapping reads."""
+
+    n_rows: int
+    rows_digest: str
+    content_digest: str
+
+
+@dataclass(slots=True)
+class _Kept:
+    row: int
+    flag_ind: int | None
+    flag: int | None
+    text_hash: int
 
 
 @dataclass(slots=True)
@@ -69,6 +112,14 @@ class _Counts:
     n_narratives: int = 0
     n_blank: int = 0
     n_duplicates: int = 0
+    n_placeholder: int = 0
+    n_no_id: int = 0
+    drops: list[tuple[Any, ...]] = field(default_factory=list)
+    rows_hash: Any = field(default_factory=lambda: hashlib.sha256())
+    content_hash: Any = field(default_factory=lambda: hashlib.sha256())
+
+    def digests(self) -> Digests:
+        return Digests(self.n_rows, self.rows_hash.hexdigest(), self.content_hash.hexdigest())
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,8 +135,23 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def normalize_placeholder(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def placeholder_set(data: DataSection) -> frozenset[str]:
+    return frozenset(normalize_placeholder(p) for p in data.placeholders if p.strip())
+
+
+def is_placeholder(text: str, placeholders: frozenset[str]) -> bool:
+    """Text that stands for "no narrative": a listed placeholder (trimmed, any case) or text
+    without a single letter or digit (whitespace and punctuation only)."""
+    return not any(ch.isalnum() for ch in text) or normalize_placeholder(text) in placeholders
+
+
 def mapping_json(data: DataSection) -> str:
-    """The column mapping that, with the checksum, identifies one load of a file."""
+    """The column mapping that, with the checksum, identifies one load of a file. The
+    placeholder list is part of it: another list loads other narratives."""
     return json.dumps(
         {
             "id_column": data.id_column,
@@ -93,6 +159,7 @@ def mapping_json(data: DataSection) -> str:
             "flags": data.flags,
             "case_flag": data.case_flag,
             "sheet": data.sheet,
+            "placeholders": sorted(placeholder_set(data)),
         },
         sort_keys=True,
     )
@@ -112,7 +179,10 @@ def ingest(conn: sqlite3.Connection, data: DataSection, path: Path) -> IngestRep
         # Another process may have loaded the same file while we waited for the write lock.
         report = _stored_report(conn, path, checksum, mapping)
         if report is None:
-            report = _load(conn, data, path, checksum, mapping)
+            if _rows_under(conn, checksum):
+                report = _adopt(conn, path, checksum, mapping)
+            else:
+                report = _load(conn, data, path, checksum, mapping)
         conn.execute("COMMIT")
     except BaseException:
         # BaseException too: Ctrl-C or SIGTERM mid-ingest must leave no partial load.
@@ -120,6 +190,57 @@ def ingest(conn: sqlite3.Connection, data: DataSection, path: Path) -> IngestRep
             conn.execute("ROLLBACK")
         raise
     return report
+
+
+def read_digests(data: DataSection, path: Path) -> Digests:
+    """The digests `ingest` would store for `path`, reading it without loading anything."""
+    counts = _Counts()
+    with closing(_read_rows(Path(path), data.sheet)) as rows:
+        for _ in _narrative_records(rows, data, Path(path), counts):
+            pass
+    return counts.digests()
+
+
+@dataclass(frozen=True, slots=True)
+class PriorLoad:
+    """An earlier version of a data file at the same path, and who used it."""
+
+    data_checksum: str
+    loaded_at: str | None
+    n_rows: int | None
+    n_narratives: int | None
+    rows_digest: str | None
+    content_digest: str | None
+    experiments: tuple[tuple[str, str | None, str | None], ...]  # (id, name, status)
+
+
+def prior_versions(conn: sqlite3.Connection, path: Path, checksum: str) -> list[PriorLoad]:
+    """Loads of other content from the same path (newest first), with the experiments that
+    ran on each. The path is matched as given and as resolved."""
+    path = Path(path)
+    rows = conn.execute(
+        "SELECT data_checksum, MAX(loaded_at), MAX(n_rows), MAX(n_narratives), "
+        "MAX(rows_digest), MAX(content_digest) FROM ingests "
+        "WHERE (data_source = ? OR data_path = ?) AND data_checksum != ? "
+        "GROUP BY data_checksum ORDER BY MAX(loaded_at) DESC, MAX(rowid) DESC",
+        (str(path), str(path.resolve()), checksum)).fetchall()
+    out = []
+    for row in rows:
+        users = conn.execute(
+            "SELECT experiment_id, experiment_name, status FROM experiments "
+            "WHERE data_checksum = ? ORDER BY start_time", (row[0],)).fetchall()
+        out.append(PriorLoad(row[0], row[1], row[2], row[3], row[4], row[5],
+                             tuple((u[0], u[1], u[2]) for u in users)))
+    return out
+
+
+def count_placeholder_texts(conn: sqlite3.Connection, checksum: str,
+                            placeholders: frozenset[str]) -> int:
+    """Stored narratives of a load whose text is a placeholder (loads made before
+    data.placeholders existed kept them)."""
+    return sum(1 for (text,) in conn.execute(
+        "SELECT narrative_text FROM source_narratives WHERE data_checksum = ?", (checksum,))
+        if text is None or is_placeholder(str(text), placeholders))
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,7 +253,7 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
     counts = _Counts()
     with closing(_read_rows(path, data.sheet)) as rows:
         records = _narrative_records(rows, data, path, counts)
-        _insert_in_chunks(conn, (
+        _insert_in_chunks(conn, _INSERT_SQL, (
             (incident_id, ntype, text, flag_ind, flag, str(path), checksum, loaded_at)
             for incident_id, ntype, text, flag_ind, flag in records
         ))
@@ -140,43 +261,99 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
     # rows under a checksum they do not belong to.
     if _checksum_or_error(path) != checksum:
         raise InputError(f"data file {path} changed while it was being read; run again")
+    _insert_in_chunks(conn, _DROP_SQL, ((checksum, *drop) for drop in counts.drops))
+    digests = counts.digests()
     conn.execute(
         "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_rows, n_narratives, "
-        "n_blank, n_duplicates, loaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "n_blank, n_duplicates, loaded_at, n_placeholder, n_no_id, rows_digest, "
+        "content_digest, data_path, origin) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
         (checksum, mapping, str(path), counts.n_rows, counts.n_narratives, counts.n_blank,
-         counts.n_duplicates, loaded_at),
+         counts.n_duplicates, loaded_at, counts.n_placeholder, counts.n_no_id,
+         digests.rows_digest, digests.content_digest, str(path.resolve())),
     )
     return IngestReport(str(path), checksum, True, counts.n_rows, counts.n_narratives,
-                        counts.n_blank, counts.n_duplicates)
+                        counts.n_blank, counts.n_duplicates, counts.n_placeholder,
+                        counts.n_no_id, digests.rows_digest, digests.content_digest,
+                        loaded_at)
 
 
-def _insert_in_chunks(conn: sqlite3.Connection, records: Iterable[tuple[Any, ...]]) -> None:
+def _insert_in_chunks(conn: sqlite3.Connection, sql: str,
+                      records: Iterable[tuple[Any, ...]]) -> None:
     # Chunks keep memory flat on big files while executemany keeps the insert fast.
     it = iter(records)
     while chunk := list(islice(it, INSERT_CHUNK_ROWS)):
-        conn.executemany(_INSERT_SQL, chunk)
+        conn.executemany(sql, chunk)
+
+
+def _rows_under(conn: sqlite3.Connection, checksum: str) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM source_narratives WHERE data_checksum = ?",
+                            (checksum,)).fetchone()[0])
+
+
+def _adopt(conn: sqlite3.Connection, path: Path, checksum: str, mapping: str) -> IngestReport:
+    """Narratives already stored under this checksum without an ingest record (the R
+    version loaded this very file): record them as this checksum's load instead of loading
+    the file a second time beside them, which would double every experiment's set."""
+    n = _rows_under(conn, checksum)
+    loaded_at = conn.execute("SELECT MIN(loaded_at) FROM source_narratives "
+                             "WHERE data_checksum = ?", (checksum,)).fetchone()[0]
+    conn.execute(
+        "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_narratives, "
+        "loaded_at, data_path, origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (checksum, mapping, str(path), n, loaded_at, str(path.resolve()), ORIGIN_ADOPTED))
+    return IngestReport(str(path), checksum, False, 0, n, 0, 0, loaded_at=loaded_at,
+                        origin=ORIGIN_ADOPTED)
+
+
+def _without_placeholders(mapping: str) -> str:
+    loaded = json.loads(mapping)
+    loaded.pop("placeholders", None)
+    return json.dumps(loaded, sort_keys=True)
+
+
+_STORED_SQL = (
+    "SELECT mapping_json, n_rows, n_narratives, n_blank, n_duplicates, n_placeholder, "
+    "n_no_id, rows_digest, content_digest, loaded_at, origin FROM ingests "
+    "WHERE data_checksum = ?"
+)
 
 
 def _stored_report(conn: sqlite3.Connection, path: Path, checksum: str,
                    mapping: str) -> IngestReport | None:
-    rows = conn.execute(
-        "SELECT mapping_json, n_rows, n_narratives, n_blank, n_duplicates FROM ingests "
-        "WHERE data_checksum = ?",
-        (checksum,),
-    ).fetchall()
+    rows = conn.execute(_STORED_SQL, (checksum,)).fetchall()
     for row in rows:
-        if row[0] == mapping:
+        # A load recorded before data.placeholders existed has no list in its mapping: it is
+        # the same reading of the file except that placeholder texts were kept.
+        legacy = "placeholders" not in json.loads(row[0])
+        if row[0] == mapping or (legacy and row[0] == _without_placeholders(mapping)):
             return IngestReport(str(path), checksum, False, row[1] or 0, row[2] or 0,
-                                row[3] or 0, row[4] or 0)
+                                row[3] or 0, row[4] or 0, row[5] or 0, row[6] or 0,
+                                row[7], row[8], row[9], row[10],
+                                placeholders_applied=not legacy)
     if rows:
         # Loading again under the same checksum would mix two readings of one file in the
         # set that experiments select by checksum.
         raise InputError(
             f"data file {path} (checksum {checksum}) is already loaded with a different "
-            "column mapping; use the original data.id_column/narratives/flags/case_flag/"
-            "sheet settings or a separate database"
+            "column mapping or placeholder list; use the original data.id_column/"
+            "narratives/flags/case_flag/sheet/placeholders settings or a separate database"
         )
     return None
+
+
+def stored_ingest(conn: sqlite3.Connection, checksum: str) -> IngestReport | None:
+    """The recorded load of a checksum (one mapping per checksum), or None."""
+    row = conn.execute(
+        "SELECT mapping_json, n_rows, n_narratives, n_blank, n_duplicates, n_placeholder, "
+        "n_no_id, rows_digest, content_digest, loaded_at, origin, data_source FROM ingests "
+        "WHERE data_checksum = ? ORDER BY loaded_at LIMIT 1", (checksum,)).fetchone()
+    if row is None:
+        return None
+    return IngestReport(row[11] or "", checksum, False, row[1] or 0, row[2] or 0,
+                        row[3] or 0, row[4] or 0, row[5] or 0, row[6] or 0, row[7], row[8],
+                        row[9], row[10],
+                        placeholders_applied="placeholders" in json.loads(row[0]))
 
 
 def _checksum_or_error(path: Path) -> str:
@@ -196,39 +373,71 @@ def _utc_seconds() -> str:
 
 def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
                        counts: _Counts) -> Iterator[tuple[str, str, str, int | None, int | None]]:
-    """(incident_id, narrative_type, text, manual_flag_ind, manual_flag) per kept narrative."""
+    """(incident_id, narrative_type, text, manual_flag_ind, manual_flag) per kept narrative;
+    every slot not kept is counted and recorded in `counts.drops`."""
     header_number, header = _first_nonempty(rows, path)
     columns = _column_index(header, header_number, data, path)
+    mapped = sorted(_configured_columns(data))  # the digest must not follow mapping order
+    mapped_at = [columns[name] for name in mapped]
+    _digest(counts.rows_hash, [_cell_text(v) for v in header])
+    _digest(counts.content_hash, mapped)
     id_at = columns[data.id_column]
     case_at = columns[data.case_flag] if data.case_flag is not None else None
-    seen: set[tuple[str, str]] = set()
+    placeholders = placeholder_set(data)
+    kept: dict[tuple[str, str], _Kept] = {}
     for number, values in rows:
         if _is_empty_row(values):
             continue  # formatted-but-empty rows that spreadsheets keep at the end
         counts.n_rows += 1
+        _digest(counts.rows_hash, [_cell_text(v) for v in values])
+        _digest(counts.content_hash, [_cell_text(_cell(values, at)) for at in mapped_at])
         incident_id = _cell_text(_cell(values, id_at))
-        if incident_id is None:
-            # Without an ID none of the row's narratives can be stored.
-            counts.n_blank += len(data.narratives)
-            continue
+        strict = incident_id is not None  # a row without an id cannot stop the load
         case_flag = (None if case_at is None
-                     else _label(_cell(values, case_at), number, data.case_flag or "", path))
+                     else _label(_cell(values, case_at), number, data.case_flag or "", path,
+                                 strict=strict))
         for ntype, column in data.narratives.items():
             flag_column = data.flags.get(ntype)
             flag_ind = (None if flag_column is None
                         else _label(_cell(values, columns[flag_column]), number,
-                                    flag_column, path))
+                                    flag_column, path, strict=strict))
             text = _cell_text(_cell(values, columns[column]))
-            if text is None:
+            blank = text is None or is_placeholder(text, placeholders)
+            if incident_id is None:
+                # Without an ID none of the row's narratives can be stored.
+                counts.n_no_id += 1
+                counts.drops.append((number, None, ntype, DropReason.NO_ID, flag_ind,
+                                     case_flag, None, int(not blank), None, None))
+                continue
+            if text is None or blank:
+                reason = DropReason.BLANK if text is None else DropReason.PLACEHOLDER
                 counts.n_blank += 1
+                counts.n_placeholder += reason is DropReason.PLACEHOLDER
+                counts.drops.append((number, incident_id, ntype, reason, flag_ind, case_flag,
+                                     None, 0, None, None))
                 continue
             key = (incident_id, ntype)
-            if key in seen:
+            first = kept.get(key)
+            if first is not None:
                 counts.n_duplicates += 1
+                conflict = (flag_ind, case_flag) != (first.flag_ind, first.flag)
+                counts.drops.append((number, incident_id, ntype, DropReason.DUPLICATE,
+                                     flag_ind, case_flag, first.row, 1, int(conflict),
+                                     int(hash(text) != first.text_hash)))
                 continue
-            seen.add(key)
+            kept[key] = _Kept(number, flag_ind, case_flag, hash(text))
             counts.n_narratives += 1
             yield incident_id, ntype, text, flag_ind, case_flag
+
+
+def _digest(h: Any, cells: Sequence[str | None]) -> None:
+    """One row into a running digest; trailing empty cells do not count (a sheet re-saved
+    with a wider used range holds the same cells)."""
+    end = len(cells)
+    while end and cells[end - 1] is None:
+        end -= 1
+    h.update(json.dumps(list(cells[:end]), ensure_ascii=False).encode())
+    h.update(b"\n")
 
 
 def _first_nonempty(rows: Iterator[Row], path: Path) -> Row:
@@ -293,8 +502,18 @@ def _cell_text(value: Any) -> str | None:
     return text or None
 
 
-def _label(value: Any, row: int, column: str, path: Path) -> int | None:
-    """0/1 from the spellings hand-kept sheets use; None for blank (unknown)."""
+def _label(value: Any, row: int, column: str, path: Path, *, strict: bool = True) -> int | None:
+    """0/1 from the spellings hand-kept sheets use; None for blank (unknown). Not `strict`
+    (a row that is dropped anyway), an unreadable label is None instead of an error."""
+    try:
+        return _read_label(value, row, column, path)
+    except InputError:
+        if strict:
+            raise
+        return None
+
+
+def _read_label(value: Any, row: int, column: str, path: Path) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):

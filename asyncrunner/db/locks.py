@@ -5,6 +5,12 @@ lock when its process dies, `kill -9` included, so there is no window in which t
 both hold it and no PID-reuse guess. The file records who holds it (PID, process start time,
 host, time) so a refusal can name the holder and a leftover file from a dead process can be
 reported as stale before it is replaced.
+
+Other writers: the R version wrote a bare PID and a newline and never took a `flock`. Such a
+file whose PID is a running process (not this one) counts as held: the lock is refused
+(exit 3) and the file left as it is, since nothing tells an R run from an unrelated process
+that reused the PID; the message says to delete the file if that process is not a run of
+this experiment. A bare PID of a process that is gone, or content nobody can read, is stale.
 """
 
 from __future__ import annotations
@@ -47,8 +53,18 @@ def parse_holder(text: str | bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     if isinstance(data, int) and not isinstance(data, bool):
-        return {"pid": data}
+        return {"pid": data, "format": BARE_PID}
     return data if isinstance(data, dict) else None
+
+
+# `format` of a holder parsed from a bare PID (the R version's lock file).
+BARE_PID = "bare-pid"
+
+
+def foreign_holder(holder: dict[str, Any] | None) -> bool:
+    """A bare-PID lock file (written without flock) naming another running process."""
+    return bool(holder and holder.get("format") == BARE_PID
+                and holder.get("pid") != os.getpid() and holder_alive(holder))
 
 
 def read_holder(path: Path) -> dict[str, Any] | None:
@@ -63,9 +79,11 @@ def holder_alive(holder: dict[str, Any] | None) -> bool:
     if not holder or not isinstance(holder.get("pid"), int):
         return False
     pid = holder["pid"]
+    if pid <= 0:
+        return False  # 0 and negatives name process groups, never a holder
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         pass
@@ -91,7 +109,8 @@ def probe(db_path: str | Path, experiment_id: str) -> LockState:
     except BlockingIOError:
         return LockState(True, read_holder(path))
     else:
-        return LockState(False, read_holder(path))
+        holder = read_holder(path)
+        return LockState(foreign_holder(holder), holder)
     finally:
         os.close(fd)
 
@@ -118,8 +137,14 @@ class ExperimentLock:
                 raise refusals.locked(self.experiment_id, holder.get("pid", "?"),
                                       self.path) from None
             if self._same_file(fd):
+                previous = os.read(fd, 4096)
+                named = parse_holder(previous) if previous.strip() else None
+                if named is not None and foreign_holder(named):
+                    os.close(fd)  # not ours: released, the file left as it was
+                    raise refusals.locked_by_pid_file(self.experiment_id, named["pid"],
+                                                      self.path)
                 self._fd = fd
-                self._record_holder(fd)
+                self._record_holder(fd, previous)
                 return self
             os.close(fd)
         raise RefusedError(f"could not take the lock file {self.path}; try again")
@@ -130,8 +155,7 @@ class ExperimentLock:
         except FileNotFoundError:
             return False
 
-    def _record_holder(self, fd: int) -> None:
-        previous = os.read(fd, 4096)
+    def _record_holder(self, fd: int, previous: bytes) -> None:
         if previous.strip():
             self.stale_holder = parse_holder(previous) or {"pid": None}
         pid = os.getpid()

@@ -10,6 +10,10 @@ which describes the current schema for tests and readers; no migration reads it)
 Databases written by the earlier R version have the three contract tables but
 `user_version = 0`; the migrations bring them forward without losing a row (except
 duplicate results, which the unique index cannot admit: the newest of each set is kept).
+Version 5 rebuilds R's source_narratives without its UNIQUE(incident_id, narrative_type);
+version 6 adds what issue #10 records (sessions, config and metrics history, dropped rows,
+content digests, provenance) and backfills R's progress counters. Before migrating a
+database that holds data, the writable opens take a backup (`backup_before_migrating`).
 
 Four ways in: `connect` (create if missing, migrate: `run`), `connect_existing` (an
 existing asyncrunner database, migrated: `cancel`, `resume --latest`), `migrate_existing`
@@ -84,6 +88,11 @@ EXPERIMENT_COLUMNS: dict[str, str] = {
     "metrics_json": "TEXT",
     "config_json": "TEXT",
     "failure_reason": "TEXT",
+    # version 6: provenance
+    "asyncrunner_version": "TEXT",
+    "parser_version": "TEXT",
+    "python_version": "TEXT",
+    "platform": "TEXT",
 }
 
 RESULT_COLUMNS: dict[str, str] = {
@@ -119,6 +128,83 @@ INGEST_COLUMNS: dict[str, str] = {
     "n_blank": "INTEGER",
     "n_duplicates": "INTEGER",
     "loaded_at": "TEXT",
+    # version 6
+    "n_placeholder": "INTEGER",
+    "n_no_id": "INTEGER",
+    "rows_digest": "TEXT",
+    "content_digest": "TEXT",
+    "data_path": "TEXT",
+    "origin": "TEXT",
+}
+
+# Version 6: one row per narrative slot the ingest did not load (never its text).
+INGEST_DROP_COLUMNS: dict[str, str] = {
+    "data_checksum": "TEXT NOT NULL",
+    "row_number": "INTEGER",
+    "incident_id": "TEXT",
+    "narrative_type": "TEXT",
+    "reason": "TEXT NOT NULL",
+    "manual_flag_ind": "INTEGER",
+    "manual_flag": "INTEGER",
+    "kept_row_number": "INTEGER",
+    "has_text": "INTEGER",
+    "label_conflict": "INTEGER",
+    "text_differs": "INTEGER",
+}
+
+# Version 6: one row per session (a new run, a resume, a retry of error rows).
+SESSION_COLUMNS: dict[str, str] = {
+    "session_id": "TEXT PRIMARY KEY",
+    "experiment_id": "TEXT NOT NULL",
+    "intent": "TEXT NOT NULL",
+    "pid": "INTEGER",
+    "host": "TEXT",
+    "started_at": "TEXT NOT NULL",
+    "ended_at": "TEXT",
+    "ended_as": "TEXT",
+    "end_reason": "TEXT",
+    "target": "INTEGER",
+    "n_done": "INTEGER",
+    "n_errors": "INTEGER",
+    "retry_categories": "TEXT",
+    "settings_hash": "TEXT",
+    "settings_json": "TEXT",
+    "settings_diff": "TEXT",
+    "allowed_drift": "TEXT",
+    "asyncrunner_version": "TEXT",
+    "parser_version": "TEXT",
+}
+
+# Version 6: every change of an experiment's stored configuration after it started.
+CONFIG_HISTORY_COLUMNS: dict[str, str] = {
+    "history_id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "experiment_id": "TEXT NOT NULL",
+    "session_id": "TEXT",
+    "changed_at": "TEXT NOT NULL",
+    "key": "TEXT NOT NULL",
+    "old_value": "TEXT",
+    "new_value": "TEXT",
+    "reason": "TEXT NOT NULL",
+}
+
+# Version 6: the metrics a completed experiment had before a retry session replaced them.
+METRICS_HISTORY_COLUMNS: dict[str, str] = {
+    "history_id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "experiment_id": "TEXT NOT NULL",
+    "recorded_at": "TEXT NOT NULL",
+    "superseded_by_session": "TEXT",
+    "completed_at": "TEXT",
+    "n_results": "INTEGER",
+    "n_errors": "INTEGER",
+    "n_tp": "INTEGER",
+    "n_fp": "INTEGER",
+    "n_tn": "INTEGER",
+    "n_fn": "INTEGER",
+    "precision": "REAL",
+    "recall": "REAL",
+    "f1": "REAL",
+    "accuracy": "REAL",
+    "metrics_json": "TEXT",
 }
 
 TABLES: dict[str, dict[str, str]] = {
@@ -126,6 +212,10 @@ TABLES: dict[str, dict[str, str]] = {
     "experiments": EXPERIMENT_COLUMNS,
     "narrative_results": RESULT_COLUMNS,
     "ingests": INGEST_COLUMNS,
+    "ingest_drops": INGEST_DROP_COLUMNS,
+    "sessions": SESSION_COLUMNS,
+    "config_history": CONFIG_HISTORY_COLUMNS,
+    "metrics_history": METRICS_HISTORY_COLUMNS,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -347,11 +437,168 @@ def _m4_lookup_indexes(conn: sqlite3.Connection) -> None:
     )
 
 
+# Version 5: the R version declared source_narratives with UNIQUE(incident_id,
+# narrative_type), so a changed file could never be loaded beside the old rows (`run` died on
+# an IntegrityError). Such a table is rebuilt as version 1 defines it, rows and narrative_ids
+# kept, in this migration's one transaction. Version 1's NOT NULL on incident_id and
+# narrative_type is kept only where every row satisfies it (R did not declare it), so no
+# row is ever dropped. Other indexes on the table (R's own) are recreated as they were.
+_M5_SOURCE_R_ERA = "_source_narratives_r_era"
+_M5_SOURCE_NULLABLE = """CREATE TABLE source_narratives (
+  narrative_id INTEGER PRIMARY KEY,
+  incident_id TEXT,
+  narrative_type TEXT,
+  narrative_text TEXT,
+  manual_flag_ind INTEGER,
+  manual_flag INTEGER,
+  data_source TEXT,
+  data_checksum TEXT,
+  loaded_at TEXT
+)"""
+_M5_SOURCE_COLUMNS = ("narrative_id, incident_id, narrative_type, narrative_text, "
+                      "manual_flag_ind, manual_flag, data_source, data_checksum, loaded_at")
+_M5_CHECKSUM_INDEX = ("CREATE INDEX IF NOT EXISTS ix_source_checksum "
+                      "ON source_narratives(data_checksum, narrative_id)")
+
+
+def _has_unique_constraint(conn: sqlite3.Connection, table: str) -> bool:
+    """A UNIQUE in the table's declaration (origin 'u'), not one of our unique indexes."""
+    return any(row[3] == "u" for row in conn.execute(f"PRAGMA index_list({table})"))
+
+
+def _m5_rebuild_r_era_source(conn: sqlite3.Connection) -> None:
+    """Drop the R version's UNIQUE(incident_id, narrative_type) from source_narratives."""
+    if not _has_unique_constraint(conn, "source_narratives"):
+        return
+    own_indexes = [row[0] for row in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = "
+        "'source_narratives' AND sql IS NOT NULL AND name != 'ix_source_checksum'")]
+    nulls = conn.execute("SELECT COUNT(*) FROM source_narratives WHERE incident_id IS NULL "
+                         "OR narrative_type IS NULL").fetchone()[0]
+    conn.execute(f"ALTER TABLE source_narratives RENAME TO {_M5_SOURCE_R_ERA}")
+    conn.execute(_M1_CREATE_TABLES[0] if nulls == 0 else _M5_SOURCE_NULLABLE)
+    conn.execute(f"INSERT INTO source_narratives ({_M5_SOURCE_COLUMNS}) "
+                 f"SELECT {_M5_SOURCE_COLUMNS} FROM {_M5_SOURCE_R_ERA} ORDER BY narrative_id")
+    conn.execute(f"DROP TABLE {_M5_SOURCE_R_ERA}")
+    conn.execute(_M5_CHECKSUM_INDEX)
+    for ddl in own_indexes:
+        conn.execute(ddl)
+
+
+# Version 6: what issue #10 records. Sessions, the history of an experiment's stored
+# configuration and metrics, the narratives an ingest dropped and why, the content digests
+# of a loaded file, and the provenance of an experiment. R-era experiments get their
+# progress counters from the results they hold (R left them at 0).
+_M6_TABLES = (
+    """CREATE TABLE IF NOT EXISTS ingest_drops (
+  data_checksum TEXT NOT NULL,
+  row_number INTEGER,
+  incident_id TEXT,
+  narrative_type TEXT,
+  reason TEXT NOT NULL,
+  manual_flag_ind INTEGER,
+  manual_flag INTEGER,
+  kept_row_number INTEGER,
+  has_text INTEGER,
+  label_conflict INTEGER,
+  text_differs INTEGER
+)""",
+    """CREATE TABLE IF NOT EXISTS sessions (
+  session_id TEXT PRIMARY KEY,
+  experiment_id TEXT NOT NULL,
+  intent TEXT NOT NULL,
+  pid INTEGER,
+  host TEXT,
+  started_at TEXT NOT NULL,
+  ended_at TEXT,
+  ended_as TEXT,
+  end_reason TEXT,
+  target INTEGER,
+  n_done INTEGER,
+  n_errors INTEGER,
+  retry_categories TEXT,
+  settings_hash TEXT,
+  settings_json TEXT,
+  settings_diff TEXT,
+  allowed_drift TEXT,
+  asyncrunner_version TEXT,
+  parser_version TEXT
+)""",
+    """CREATE TABLE IF NOT EXISTS config_history (
+  history_id INTEGER PRIMARY KEY AUTOINCREMENT,
+  experiment_id TEXT NOT NULL,
+  session_id TEXT,
+  changed_at TEXT NOT NULL,
+  key TEXT NOT NULL,
+  old_value TEXT,
+  new_value TEXT,
+  reason TEXT NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS metrics_history (
+  history_id INTEGER PRIMARY KEY AUTOINCREMENT,
+  experiment_id TEXT NOT NULL,
+  recorded_at TEXT NOT NULL,
+  superseded_by_session TEXT,
+  completed_at TEXT,
+  n_results INTEGER,
+  n_errors INTEGER,
+  n_tp INTEGER,
+  n_fp INTEGER,
+  n_tn INTEGER,
+  n_fn INTEGER,
+  precision REAL,
+  recall REAL,
+  f1 REAL,
+  accuracy REAL,
+  metrics_json TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS ix_ingest_drops ON ingest_drops(data_checksum, reason)",
+    "CREATE INDEX IF NOT EXISTS ix_sessions_experiment ON sessions(experiment_id, started_at)",
+    "CREATE INDEX IF NOT EXISTS ix_config_history ON config_history(experiment_id)",
+    "CREATE INDEX IF NOT EXISTS ix_metrics_history ON metrics_history(experiment_id)",
+)
+_M6_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("ingests", "n_placeholder", "INTEGER"),
+    ("ingests", "n_no_id", "INTEGER"),
+    ("ingests", "rows_digest", "TEXT"),
+    ("ingests", "content_digest", "TEXT"),
+    ("ingests", "data_path", "TEXT"),
+    ("ingests", "origin", "TEXT"),
+    ("experiments", "asyncrunner_version", "TEXT"),
+    ("experiments", "parser_version", "TEXT"),
+    ("experiments", "python_version", "TEXT"),
+    ("experiments", "platform", "TEXT"),
+)
+_M6_BACKFILL_COUNTERS = """
+UPDATE experiments SET
+  n_narratives_completed = (SELECT COUNT(*) FROM narrative_results r
+                            WHERE r.experiment_id = experiments.experiment_id),
+  n_narratives_processed = (SELECT COUNT(*) FROM narrative_results r
+                            WHERE r.experiment_id = experiments.experiment_id)
+WHERE COALESCE(n_narratives_completed, -1) != (SELECT COUNT(*) FROM narrative_results r
+                                               WHERE r.experiment_id = experiments.experiment_id)
+"""
+
+
+def _m6_sessions_drops_provenance(conn: sqlite3.Connection) -> None:
+    for ddl in _M6_TABLES:
+        conn.execute(ddl)
+    have: dict[str, set[str]] = {}
+    for table, column, decl in _M6_COLUMNS:
+        if table not in have:
+            have[table] = _existing_columns(conn, table)
+        if column not in have[table]:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.execute(_M6_BACKFILL_COUNTERS)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_create_tables,
     _m2_add_missing_columns,
     _m3_unique_results,
     _m4_lookup_indexes,
+    _m5_rebuild_r_era_source,
+    _m6_sessions_drops_provenance,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -368,6 +615,22 @@ def configure(conn: sqlite3.Connection) -> None:
 def _newer_message(version: int) -> str:
     return (f"database schema version {version} is newer than this asyncrunner "
             f"understands ({SCHEMA_VERSION}); upgrade asyncrunner")
+
+
+MIGRATION_BACKUP = "pre_migration_backup"
+
+
+def backup_before_migrating(conn: sqlite3.Connection, db: Path) -> Path | None:
+    """A consistent copy of a database that holds data and is about to be migrated
+    (`<db>.pre_migration_backup_<time>`, the newest three kept); None when there is nothing
+    to migrate or nothing to lose (a new or empty file)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION or not _tables(conn):
+        return None
+    from asyncrunner.db import backup  # backup.py needs nothing from here
+
+    backup.check_disk(db, 0, with_backup=True)
+    return backup.make_backup(db, label=MIGRATION_BACKUP)
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
@@ -421,6 +684,7 @@ def connect(path: str | Path, *, migrate_schema: bool = True) -> sqlite3.Connect
         conn.row_factory = sqlite3.Row
         configure(conn)
         if migrate_schema:
+            backup_before_migrating(conn, db)
             migrate(conn)
     except BaseException:
         # The caller never receives it, so nobody else could close it.
@@ -558,6 +822,7 @@ def connect_existing(path: str | Path) -> sqlite3.Connection:
     db = Path(path)
     conn = _open_writable(db, allow_empty=False)
     try:
+        backup_before_migrating(conn, db)
         migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
@@ -568,8 +833,9 @@ def connect_existing(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def migrate_existing(path: str | Path) -> list[str]:
-    """`asyncrunner migrate`: bring an existing file to SCHEMA_VERSION; return the steps run.
+def migrate_existing(path: str | Path) -> tuple[list[str], Path | None]:
+    """`asyncrunner migrate`: bring an existing file to SCHEMA_VERSION; return the steps run
+    and the backup taken before them.
 
     An empty database (a 0-byte file, say) gets the current schema; a database holding
     other tables than ours is refused, so nothing is added to someone else's file.
@@ -577,7 +843,8 @@ def migrate_existing(path: str | Path) -> list[str]:
     db = Path(path)
     with closing(_open_writable(db, allow_empty=True)) as conn:
         try:
-            return migrate(conn)
+            copy = backup_before_migrating(conn, db)
+            return migrate(conn), copy
         except sqlite3.Error as exc:
             # Each step is its own transaction: the file is at the last completed version.
             raise RunFailed(f"migrating {db} failed: {exc}") from None

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from asyncrunner.db.locks import probe
 from asyncrunner.vocab import RESUMABLE, ErrorCategory
 
 
@@ -118,13 +121,25 @@ def list_experiments(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     ).fetchall()
 
 
-def latest_resumable(conn: sqlite3.Connection) -> ExperimentRecord | None:
-    row = conn.execute(
-        "SELECT experiment_id FROM experiments WHERE status IN (?, ?, ?) "
-        "ORDER BY start_time DESC LIMIT 1",
-        tuple(sorted(RESUMABLE)),
-    ).fetchone()
-    return get_experiment(conn, row[0]) if row else None
+def latest_resumable(conn: sqlite3.Connection,
+                     db_path: str | Path | None = None) -> ExperimentRecord | None:
+    """The newest resumable experiment; with `db_path`, skipping any a live process holds
+    (a `running` experiment whose run is alive is not resumable, it is running)."""
+    for (experiment_id,) in conn.execute(
+            "SELECT experiment_id FROM experiments WHERE status IN (?, ?, ?) "
+            "ORDER BY start_time DESC", tuple(sorted(RESUMABLE))).fetchall():
+        if db_path is not None and _is_uuid(experiment_id) \
+                and probe(db_path, experiment_id).held:
+            continue
+        return get_experiment(conn, experiment_id)
+    return None
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def experiment_row(conn: sqlite3.Connection, experiment_id: str) -> dict[str, Any] | None:

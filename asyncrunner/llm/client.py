@@ -17,8 +17,27 @@ error category; nothing HTTP-shaped leaves this module. What is retried, and how
                      a 200 whose body is not a chat completion
         rate_limit   429 (also slows every worker down, see throttle.py; 503 does too)
     not retried
-        data_error   400 saying the prompt is too long for the model's context
-        api_error    any other 4xx (bad key, unknown model, bad request)
+        data_error   400 saying the prompt is too long for the model's context (OpenAI's,
+                     vLLM's and llama.cpp's wordings, and llama.cpp's exceed_context_size_error)
+        api_error    any other 4xx (bad key, unknown model, bad request), and a response
+                     larger than the session's max_response_bytes ("response larger than
+                     max_response_bytes=N")
+
+Fatal failures (`RequestFailure.fatal`, `describe_fatal`): 401 and 403 (bad or missing
+key), 404 (unknown model or path), and a 400/422 that names a field of the request (its
+OpenAI `param`, a key the body carries such as `response_format`, `temperature` or an
+`extra_body` key, or "unsupported/unknown parameter", "extra inputs are not permitted"). No
+narrative can succeed after one of these, so the run should stop at the first (phase 2 of
+issue #15 wires that). A 400 about the prompt's length stays a per-narrative `data_error`,
+and other 400s (a content filter, say) stay per-narrative `api_error`s.
+
+Request shape: `ClientSettings.response_format` is the structured-output mode
+(`json_schema`, `json_object`, or None/"none": no field; see answer_schema.py, whose bounded
+schema is sent unless `response_schema` replaces it), `system_role` "system" sends the system
+prompt as a system message and "user" puts it at the start of the user turn, joined by a
+blank line (for chat templates without a system role, e.g. Gemma's). A parse-retry request
+(`complete(..., followup=..., seed=...)`) adds turns after the user prompt (the repair turn of
+parsing.repair_messages) or replaces the seed (a resample); it is encoded whole, once.
 """
 
 from __future__ import annotations
@@ -27,8 +46,9 @@ import email.utils
 import json
 import math
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -38,6 +58,11 @@ import httpx
 import structlog
 
 from asyncrunner import __version__
+from asyncrunner.llm.answer_schema import (
+    error_message,
+    names_response_format,
+    response_format_payload,
+)
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
 from asyncrunner.vocab import ErrorCategory
 
@@ -45,7 +70,15 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SLOW_DOWN_STATUS = frozenset({429, 503})
 MAX_RETRY_AFTER_S = 300.0
 CONTEXT_TOO_LONG = ("context length", "context_length", "too long", "maximum context",
-                    "too many tokens", "exceeds the context")
+                    "too many tokens", "exceeds the context", "context size",
+                    "exceed_context_size")
+FATAL_STATUS = frozenset({401, 403, 404})
+# A 400/422 with one of these names a request field the endpoint does not take.
+BAD_FIELD_PHRASES = ("unsupported parameter", "unknown parameter", "unrecognized request argument",
+                     "extra inputs are not permitted", "extra_forbidden", "invalid parameter",
+                     "unknown field", "unrecognized field", "not supported with this model")
+SYSTEM_ROLES = ("system", "user")
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 log = structlog.get_logger("asyncrunner.llm.client")
 
@@ -60,10 +93,12 @@ class ClientSettings:
     max_attempts: int
     seed: int | None = None
     api_key: str | None = None
-    response_format: str | None = None
+    response_format: str | None = None        # json_schema | json_object | None ("none")
     extra_body: dict[str, Any] = field(default_factory=dict)
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    system_role: str = "system"                # system | user
+    response_schema: dict[str, Any] | None = None   # replaces the bounded answer schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +122,30 @@ class RequestFailure:
     retry_after_s: float | None = None
     status: int | None = None
     raw: str | None = None
+    fatal: bool = False     # no other request can succeed either: stop the run
+
+
+class ResponseTooLarge(httpx.TransportError):
+    """The response body is larger than the session allows (`max_response_bytes`)."""
+
+    def __init__(self, limit: int, request: httpx.Request | None = None) -> None:
+        super().__init__(f"response larger than max_response_bytes={limit}", request=request)
+        self.limit = limit
+
+
+def describe_fatal(failure: RequestFailure) -> str:
+    """The one line an operator reads when a fatal failure stops the run."""
+    status = failure.status
+    if status == 401:
+        hint = "the endpoint rejected the API key; check model.api_key_env and the key"
+    elif status == 403:
+        hint = "the endpoint refused access; check the API key's permissions"
+    elif status == 404:
+        hint = "the endpoint does not know this model or path; check model.name and api_url"
+    else:
+        hint = ("the endpoint rejected a request field; check model.response_format, "
+                "model.extra_body and the model settings")
+    return f"{hint} ({failure.message})"
 
 
 def normalize_api_url(url: str) -> str:
@@ -143,13 +202,17 @@ class HttpSession:
     """The HTTP side shared by all workers: one transport and its pool, used directly.
 
     `send` hands a prepared request to the transport and returns the response with its body
-    read; a request without a "timeout" extension gets this session's. Usable as
-    `async with`; closing it closes the transport.
+    read; a request without a "timeout" extension gets this session's. A body larger than
+    `max_response_bytes` raises `ResponseTooLarge` (the aiohttp transport stops reading at
+    the limit; other transports are checked after reading). Usable as `async with`; closing
+    it closes the transport.
     """
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, timeout_s: float) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout_s: float,
+                 max_response_bytes: int | None = None) -> None:
         self.transport = transport
         self.timeouts = http_timeouts(timeout_s)
+        self.max_response_bytes = max_response_bytes
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         if "timeout" not in request.extensions:
@@ -159,6 +222,9 @@ class HttpSession:
             await response.aread()      # at once for aiohttp's and MockTransport's answers
         finally:
             await response.aclose()
+        limit = self.max_response_bytes
+        if limit is not None and len(response.content) > limit:
+            raise ResponseTooLarge(limit, request)
         return response
 
     async def aclose(self) -> None:
@@ -173,16 +239,20 @@ class HttpSession:
 
 
 def make_http_client(workers: int, timeout_s: float, *,
-                     transport: httpx.AsyncBaseTransport | None = None) -> HttpSession:
+                     transport: httpx.AsyncBaseTransport | None = None,
+                     max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
+                     ) -> HttpSession:
     """The one shared HTTP session, its pool sized to the number of workers. `transport`
-    replaces the network (tests inject an httpx.MockTransport here)."""
+    replaces the network (tests inject an httpx.MockTransport here). A response body over
+    `max_response_bytes` (None: no limit) is an api_error naming the limit."""
     if transport is None:
         from asyncrunner.llm.transport import (
             AiohttpTransport,  # aiohttp loads only for commands that send
         )
 
-        transport = AiohttpTransport(max_connections=workers)
-    return HttpSession(transport, timeout_s)
+        transport = AiohttpTransport(max_connections=workers,
+                                     max_response_bytes=max_response_bytes)
+    return HttpSession(transport, timeout_s, max_response_bytes)
 
 
 # Stands for the user prompt in a pre-encoded request body; a NUL never occurs in a
@@ -191,10 +261,15 @@ _PROMPT_SLOT = "\x00asyncrunner:user-prompt\x00"
 _ENCODED_SLOT = json.dumps(_PROMPT_SLOT)
 
 
+Message = Mapping[str, Any]
+
+
 class LLMClient:
     def __init__(self, settings: ClientSettings, http: HttpSender,
                  limiter: AdaptiveLimiter, *, rng: random.Random | None = None,
                  budget: TokenBudget | None = None) -> None:
+        if settings.system_role not in SYSTEM_ROLES:
+            raise ValueError(f"system_role must be system or user, got {settings.system_role!r}")
         self.settings = settings
         self.http = http
         self.limiter = limiter
@@ -210,38 +285,69 @@ class LLMClient:
         self._headers = httpx.Headers(headers)
         self._extensions = {"timeout": http_timeouts(settings.timeout_s)}
         self._templates: dict[str, tuple[str, str] | None] = {}
+        self.response_format = response_format_payload(
+            settings.response_format, settings.max_tokens, schema=settings.response_schema)
+        # The top-level fields this client sends: a 400 naming one of them is fatal.
+        self._fields = frozenset(self.build_body("", "")) - {"messages"}
 
-    def build_body(self, system_prompt: str, user_prompt: str) -> dict[str, Any]:
+    def user_content(self, system_prompt: str, user_prompt: str) -> str:
+        """The user turn's text: with system_role "user" the system prompt comes first."""
+        if self.settings.system_role == "user" and system_prompt:
+            return f"{system_prompt}\n\n{user_prompt}"
+        return user_prompt
+
+    def messages(self, system_prompt: str, user_content: str,
+                 followup: Sequence[Message] = ()) -> list[dict[str, Any]]:
+        turns: list[dict[str, Any]] = []
+        if self.settings.system_role == "system":
+            turns.append({"role": "system", "content": system_prompt})
+        turns.append({"role": "user", "content": user_content})
+        turns.extend(dict(turn) for turn in followup)
+        return turns
+
+    def build_body(self, system_prompt: str, user_prompt: str, *,
+                   followup: Sequence[Message] = (), seed: int | None = None) -> dict[str, Any]:
+        """The request body; `followup` turns go after the user prompt, `seed` replaces the
+        run's seed (both for parse retries)."""
+        return self._body(self.messages(system_prompt,
+                                        self.user_content(system_prompt, user_prompt), followup),
+                          seed)
+
+    def _body(self, messages: list[dict[str, Any]], seed: int | None) -> dict[str, Any]:
         s = self.settings
         body: dict[str, Any] = {
             "model": s.model,
-            "messages": [
-                {"role": "system", "content": system_prompt},
-                {"role": "user", "content": user_prompt},
-            ],
+            "messages": messages,
             "temperature": s.temperature,
             "max_tokens": s.max_tokens,
         }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.response_format:
-            body["response_format"] = {"type": s.response_format}
+        seed = s.seed if seed is None else seed
+        if seed is not None:
+            body["seed"] = seed
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
         body.update(s.extra_body)
         return body
 
-    def encode_body(self, system_prompt: str, user_prompt: str) -> bytes:
+    def encode_body(self, system_prompt: str, user_prompt: str, *,
+                    followup: Sequence[Message] = (), seed: int | None = None) -> bytes:
         """`json.dumps(build_body(...))`, byte for byte, with one encode per request: the
-        JSON around the user prompt is encoded once per system prompt."""
+        JSON around the user prompt is encoded once per system prompt. A parse retry
+        (followup turns or another seed) is rare and encoded whole."""
+        if followup or seed is not None:
+            return json.dumps(self.build_body(system_prompt, user_prompt, followup=followup,
+                                              seed=seed)).encode()
         try:
             template = self._templates[system_prompt]
         except KeyError:
             template = self._template(system_prompt)
         if template is None:   # extra_body replaced the messages: encode it whole
             return json.dumps(self.build_body(system_prompt, user_prompt)).encode()
-        return (template[0] + json.dumps(user_prompt) + template[1]).encode()
+        content = self.user_content(system_prompt, user_prompt)
+        return (template[0] + json.dumps(content) + template[1]).encode()
 
     def _template(self, system_prompt: str) -> tuple[str, str] | None:
-        encoded = json.dumps(self.build_body(system_prompt, _PROMPT_SLOT))
+        encoded = json.dumps(self._body(self.messages(system_prompt, _PROMPT_SLOT), None))
         head, slot, tail = encoded.partition(_ENCODED_SLOT)
         template = (head, tail) if slot and _ENCODED_SLOT not in tail else None
         if len(self._templates) >= 8:     # one system prompt per run; bound it all the same
@@ -249,17 +355,22 @@ class LLMClient:
         self._templates[system_prompt] = template
         return template
 
-    def prepare(self, system_prompt: str, user_prompt: str) -> httpx.Request:
+    def prepare(self, system_prompt: str, user_prompt: str, *,
+                followup: Sequence[Message] = (), seed: int | None = None) -> httpx.Request:
         """The request for one prompt, sent as it is on every attempt."""
         return httpx.Request("POST", self._url, headers=self._headers,
-                             content=self.encode_body(system_prompt, user_prompt),
+                             content=self.encode_body(system_prompt, user_prompt,
+                                                      followup=followup, seed=seed),
                              extensions=self._extensions)
 
-    async def complete(self, system_prompt: str,
-                       user_prompt: str) -> Completion | RequestFailure:
-        """Send one prompt, retrying what is worth retrying."""
-        request = self.prepare(system_prompt, user_prompt)
-        prompt_chars = len(system_prompt) + len(user_prompt)
+    async def complete(self, system_prompt: str, user_prompt: str, *,
+                       followup: Sequence[Message] = (),
+                       seed: int | None = None) -> Completion | RequestFailure:
+        """Send one prompt, retrying what is worth retrying. `followup` and `seed` shape a
+        parse retry (see build_body)."""
+        request = self.prepare(system_prompt, user_prompt, followup=followup, seed=seed)
+        prompt_chars = (len(system_prompt) + len(user_prompt)
+                        + sum(len(str(turn.get("content") or "")) for turn in followup))
         started = time.monotonic()
         outcome: Completion | RequestFailure | None = None
         for attempt in range(1, self.settings.max_attempts + 1):
@@ -307,6 +418,8 @@ class LLMClient:
         except (TimeoutError, httpx.TimeoutException):
             return fail(ErrorCategory.TIMEOUT, f"no response within {self.settings.timeout_s:g}s",
                         retryable=True)
+        except ResponseTooLarge as exc:
+            return fail(ErrorCategory.API_ERROR, str(exc))
         except httpx.TransportError as exc:
             return fail(ErrorCategory.API_ERROR,
                         f"{type(exc).__name__}: connection failed or dropped", retryable=True)
@@ -323,12 +436,13 @@ class LLMClient:
                 self.limiter.on_slow_down(retry_after, sent_at)
             detail = _error_detail(text)
             category = ErrorCategory.RATE_LIMIT if status == 429 else ErrorCategory.API_ERROR
-            if status == 400 and any(k in detail.lower() for k in CONTEXT_TOO_LONG):
+            if status == 400 and _context_too_long(detail, text):
                 return fail(ErrorCategory.DATA_ERROR, f"HTTP 400: prompt too long: {detail}",
                             status=status, raw=text[:2000])
             retryable = status in RETRYABLE_STATUS or status >= 500
             return fail(category, f"HTTP {status}: {detail}", status=status,
-                        retryable=retryable, retry_after_s=retry_after, raw=text[:2000])
+                        retryable=retryable, retry_after_s=retry_after, raw=text[:2000],
+                        fatal=self._fatal(status, text))
         try:
             payload = json.loads(text)
             choice = payload["choices"][0]
@@ -347,6 +461,33 @@ class LLMClient:
             attempts=attempt,
             raw=text,
         )
+
+    def _fatal(self, status: int, text: str) -> bool:
+        """401/403/404, or a 400/422 naming a field this client sends (see module doc)."""
+        if status in FATAL_STATUS:
+            return True
+        if status not in (400, 422):
+            return False
+        return names_request_field(text, self._fields)
+
+
+def names_request_field(body: str, fields: frozenset[str] | set[str]) -> bool:
+    """True when an error body says a request field (one of `fields`, `messages` aside)
+    is wrong or unknown, rather than something about this one prompt."""
+    message, param = error_message(body)
+    lowered = message.lower()
+    if param is not None and param.split(".")[0].split("[")[0] in fields:
+        return True
+    if names_response_format(message, param) or any(p in lowered for p in BAD_FIELD_PHRASES):
+        return True
+    return any(re.search(rf"(?<![a-z_]){re.escape(name.lower())}(?![a-z_])", lowered)
+               for name in fields if name != "messages")
+
+
+def _context_too_long(detail: str, body: str) -> bool:
+    lowered = detail.lower()
+    return (any(k in lowered for k in CONTEXT_TOO_LONG)
+            or "exceed_context_size" in body)
 
 
 def _body_text(response: httpx.Response) -> str:
@@ -369,6 +510,8 @@ def _error_detail(text: str) -> str:
         payload = json.loads(text)
         err = payload.get("error") if isinstance(payload, dict) else None
         message = err.get("message") if isinstance(err, dict) else err
+        if not message and isinstance(payload, dict) and payload.get("object") == "error":
+            message = payload.get("message")     # vLLM's older error shape
         if message:
             return " ".join(str(message).split())[:200]
     except ValueError:

@@ -33,20 +33,41 @@ Coercions
                 strings "0.8", "80" follow the same rule, and "80%" / "80 %" are always a
                 percentage (so "0.5%" -> 0.005). Missing or null -> None. Booleans,
                 negative, above 100, NaN/infinity or non-numeric (including "") are errors.
-    indicators  a list; strings are trimmed, other items converted with str(), nulls and
-                empty strings dropped. A single string -> a one-item tuple. Missing or
-                null -> (). Any other type is an error.
+    indicators  a list; strings are trimmed, numbers and booleans converted with str(),
+                nulls and empty strings dropped. An object item is flattened to its text:
+                its string values in the object's order (numbers and booleans, which are
+                scores or flags, left out; nested lists and objects flattened the same way)
+                joined by ": ", so {"indicator": "threats", "evidence": "he said"} ->
+                "threats: he said"; an object without text is dropped. A list item is
+                flattened likewise, joined by ", ". A single string -> a one-item tuple.
+                Missing or null -> (). Any other type is an error. Stored as a JSON array of
+                strings (`indicators_json`); `normalize_stored_indicators` converts what
+                older versions stored (Python reprs of objects) for `migrate`.
     rationale   a string as is; missing or null -> None; other types converted with str().
 
 Errors
     "empty response" for None/blank content; "no JSON object with 'detected' in response"
-    when nothing qualifies; a field-specific reason otherwise. With finish_reason "length"
-    every error gains "(output truncated: finish_reason=length)", while a complete valid
-    answer found despite the truncation is accepted.
+    when nothing qualifies; a field-specific reason otherwise. A complete valid answer is
+    accepted whatever the finish_reason. Truncation is named (`AnswerParseError.truncated`):
+    with finish_reason "length" the error is "answer cut off at max_tokens=N
+    (finish_reason=length)" (prefixed by the reason when it is not simply "no JSON": an empty
+    response, a bad field); without it, an answer object that starts but runs out of text
+    ("{"detected": true, "rationale": "the narr") is "answer cut off: the JSON object is
+    unfinished".
+
+Parse retries (the caller decides; this module only builds them)
+    repair      `repair_messages(content, reason)`: the model's invalid answer as an assistant
+                turn and one short user instruction to return only the JSON object, sent
+                after the original prompt.
+    resample    `resample_seed(run_seed, attempt)`: the seed of a fresh try, derived from the
+                run seed and the attempt number (1 is the first request, which keeps the run
+                seed).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import math
 import re
@@ -54,8 +75,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Answer", "AnswerParseError", "parse_answer"]
+__all__ = [
+    "Answer",
+    "AnswerParseError",
+    "indicators_json",
+    "normalize_stored_indicators",
+    "parse_answer",
+    "repair_messages",
+    "resample_seed",
+    "truncation_message",
+]
 
+
+PARSER_VERSION = "1"  # bump when a change here can turn the same response into another answer
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -66,12 +98,17 @@ class Answer:
 
 
 class AnswerParseError(ValueError):
-    """message is a short one-line reason, never containing the narrative or the full response"""
+    """message is a short one-line reason, never containing the narrative or the full response;
+    `truncated`: the answer was cut off (finish_reason "length", or unfinished JSON)"""
+
+    def __init__(self, message: str, *, truncated: bool = False) -> None:
+        super().__init__(message)
+        self.truncated = truncated
 
 
 EMPTY = "empty response"
 NO_JSON = "no JSON object with 'detected' in response"
-TRUNCATED = " (output truncated: finish_reason=length)"
+UNFINISHED = "answer cut off: the JSON object is unfinished"
 
 _DECODER = json.JSONDecoder(strict=False)
 _TRUE_WORDS = frozenset({"yes", "true", "1"})
@@ -90,13 +127,24 @@ _THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 
 
-def parse_answer(content: str | None, finish_reason: str | None = None) -> Answer:
-    """The answer in `content`, or AnswerParseError saying in one short line why not."""
+def truncation_message(max_tokens: int | None) -> str:
+    """"answer cut off at max_tokens=N (finish_reason=length)"."""
+    limit = "max_tokens" if max_tokens is None else f"max_tokens={max_tokens}"
+    return f"answer cut off at {limit} (finish_reason=length)"
+
+
+def parse_answer(content: str | None, finish_reason: str | None = None,
+                 max_tokens: int | None = None) -> Answer:
+    """The answer in `content`, or AnswerParseError saying in one short line why not.
+    `max_tokens` (the request's) only goes into the truncation message."""
     try:
         return _parse(content)
     except AnswerParseError as exc:
         if finish_reason == "length":
-            raise AnswerParseError(f"{exc}{TRUNCATED}") from exc
+            cut = truncation_message(max_tokens)
+            reason = str(exc)
+            message = cut if reason in (NO_JSON, UNFINISHED) else f"{reason}: {cut}"
+            raise AnswerParseError(message, truncated=True) from exc
         raise
 
 
@@ -105,8 +153,11 @@ def _parse(content: str | None) -> Answer:
         raise AnswerParseError(f"content must be text, got {type(content).__name__}")
     if content is None or not content.strip():
         raise AnswerParseError(EMPTY)
-    obj = _last_answer_object(_strip_think(_strip_harmony(content)))
+    text = _strip_think(_strip_harmony(content))
+    obj = _last_answer_object(text)
     if obj is None:
+        if _unfinished_answer(text):
+            raise AnswerParseError(UNFINISHED, truncated=True)
         raise AnswerParseError(NO_JSON)
     return Answer(
         detected=_detected(_field(obj, "detected")),
@@ -160,6 +211,25 @@ def _last_answer_object(text: str) -> dict[str, Any] | None:
         if any(key.lower() == "detected" for key in obj):
             found = obj
     return found
+
+
+_DETECTED_KEY = re.compile(r'\{\s*"detected"\s*:', re.IGNORECASE)
+
+
+def _unfinished_answer(text: str) -> bool:
+    """An answer object starts (`{"detected":`) but the text ends inside it."""
+    start = None
+    for start_match in _DETECTED_KEY.finditer(text):
+        start = start_match.start()
+    if start is None:
+        return False
+    try:
+        _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        return exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip())
+    except RecursionError:
+        return False
+    return False
 
 
 def _key_for(obj: dict[str, Any], name: str) -> str | None:
@@ -248,7 +318,105 @@ def _indicators(value: Any) -> tuple[str, ...]:
 def _indicator_text(item: Any) -> str:
     if item is None:
         return ""
-    return (item if isinstance(item, str) else str(item)).strip()
+    if isinstance(item, str):
+        return item.strip()
+    if isinstance(item, dict | list):
+        return _flatten(item, 0)
+    return str(item).strip()
+
+
+def _flatten(value: Any, depth: int) -> str:
+    """The text in an object or list (see the module doc); numbers and flags left out."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if depth > 8:
+        return ""
+    if isinstance(value, dict):
+        parts, sep = [_flatten(v, depth + 1) for v in value.values()], ": "
+    elif isinstance(value, list):
+        parts, sep = [_flatten(v, depth + 1) for v in value], ", "
+    else:
+        return ""
+    return sep.join(part for part in parts if part)
+
+
+def indicators_json(indicators: tuple[str, ...] | list[str]) -> str:
+    """How indicators are stored: a JSON array of strings."""
+    return json.dumps(list(indicators))
+
+
+def normalize_stored_indicators(stored: str | None) -> str | None:
+    """A stored `indicators` value as a JSON array of strings (for `migrate`).
+
+    Older versions stored object-shaped indicators as Python reprs, either as the items of a
+    JSON array ('["{\'indicator\': \'x\'}"]') or as a whole Python literal ("['x', {...}]").
+    Each item is flattened as in parsing. None and blank stay None; text that is neither
+    JSON nor a Python literal becomes a one-item array of itself. Idempotent.
+    """
+    if stored is None or not stored.strip():
+        return None
+    value: Any
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        value = _literal(stored)
+        if value is None:
+            return indicators_json([stored.strip()])
+    if not isinstance(value, list):
+        value = [value]
+    items: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            text = item.strip()
+            if text[:1] in "{[" and text[-1:] in "}]":
+                literal = _literal(text)
+                if isinstance(literal, dict | list):
+                    item = literal
+        flat = _indicator_text(item)
+        if flat:
+            items.append(flat)
+    return indicators_json(items)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+# --- parse retries -------------------------------------------------------------------------
+
+REPAIR_INSTRUCTION = (
+    "Your previous reply could not be used ({reason}). Reply again with only the JSON object "
+    '{{"detected": true or false, "confidence": a number from 0 to 1, "indicators": '
+    '[a few short phrases], "rationale": "one short sentence"}} and no other text.'
+)
+_REPAIR_ANSWER_CHARS = 4000
+
+
+def repair_messages(content: str | None, reason: str) -> list[dict[str, str]]:
+    """The turns a repair request adds after the original prompt: the model's invalid answer
+    (at most 4,000 characters of it) as the assistant's, then the instruction. `reason` is
+    the parse error's message (never the narrative)."""
+    answer = (content or "").strip()[:_REPAIR_ANSWER_CHARS] or "(no answer)"
+    return [{"role": "assistant", "content": answer},
+            {"role": "user", "content": REPAIR_INSTRUCTION.format(reason=reason)}]
+
+
+def resample_seed(run_seed: int | None, attempt: int) -> int:
+    """The seed of parse attempt `attempt` (1 = the first request: the run seed itself).
+
+    Later attempts take 31 bits of SHA-256("asyncrunner-resample:<run seed>:<attempt>"),
+    so they are reproducible from the run seed, differ per attempt, and do not collide
+    with the seed+1, seed+2 ... of a sweep's repeats.
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    if attempt == 1 and run_seed is not None:
+        return run_seed
+    digest = hashlib.sha256(f"asyncrunner-resample:{run_seed}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
 def _rationale(value: Any) -> str | None:

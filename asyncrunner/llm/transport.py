@@ -15,6 +15,9 @@ What this transport does, and no more:
   * one request, its body sent whole, the response body read whole before returning (the
     client reads every answer anyway), connection back to the pool at once;
   * at most `max_connections` connections, kept alive `keepalive_expiry` s when idle;
+  * a body larger than `max_response_bytes` is not read past the limit: `ResponseTooLarge`
+    (client.py) is raised and the connection closed (a Content-Length above the limit is
+    refused before reading; a chunked body is counted as it arrives);
   * httpx's per-phase timeouts from the request's "timeout" extension (connect, read, pool;
     aiohttp has no write timeout: the client's bound on the whole exchange covers writes);
   * every aiohttp or socket error mapped to the httpx exception that names the same failure,
@@ -43,6 +46,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from asyncrunner.llm.client import ResponseTooLarge
+
 DEFAULT_KEEPALIVE_S = 5.0   # httpx's default keep-alive expiry, kept
 _HTTP_VERSIONS = {aiohttp.HttpVersion10: b"HTTP/1.0", aiohttp.HttpVersion11: b"HTTP/1.1"}
 
@@ -51,10 +56,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """An `httpx.AsyncBaseTransport` over one `aiohttp.ClientSession` (HTTP/1.1)."""
 
     def __init__(self, *, max_connections: int, keepalive_expiry: float = DEFAULT_KEEPALIVE_S,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True,
+                 max_response_bytes: int | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if max_response_bytes is not None and max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be >= 1 or None")
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
         self.keepalive_expiry = keepalive_expiry
         self._verify = verify
         self._ssl: ssl.SSLContext | bool | None = None     # made at the first https request
@@ -112,7 +121,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     timeout=self._timeout(request.extensions.get("timeout")),
                     ssl=self._ssl_for() if request.url.scheme == "https" else True,
             ) as response:
-                content = await response.read()
+                content = await self._read(response, request)
                 status, headers, reason = response.status, response.raw_headers, response.reason
                 version = _HTTP_VERSIONS.get(response.version or aiohttp.HttpVersion11,
                                              b"HTTP/1.1")
@@ -122,6 +131,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status, headers=headers, content=content, request=request,
             extensions={"http_version": version,
                         "reason_phrase": reason.encode("latin-1", "replace") if reason else b""})
+
+    async def _read(self, response: aiohttp.ClientResponse, request: httpx.Request) -> bytes:
+        limit = self.max_response_bytes
+        length = response.content_length
+        if limit is None or (length is not None and length <= limit):
+            return await response.read()
+        if length is not None:
+            response.close()        # do not read it, and do not pool the connection
+            raise ResponseTooLarge(limit, request)
+        body = bytearray()
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                response.close()
+                raise ResponseTooLarge(limit, request)
+        return bytes(body)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asyncrunner.db import store
+from asyncrunner.db.drops import describe, drop_summary
 from asyncrunner.errors import RefusedError, UsageError
 from asyncrunner.results.metrics import (
     EXACT_BELOW,
@@ -51,6 +52,9 @@ class Comparison:
     mcnemar_method: str
     metrics_1: MetricsReport
     metrics_2: MetricsReport
+    # What each experiment's data file lost at ingest (db/drops.py); None: not recorded.
+    dropped_1: dict[str, Any] | None = None
+    dropped_2: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -88,6 +92,8 @@ def compare(conn: sqlite3.Connection, id1: str, id2: str) -> Comparison:
         mcnemar_p_chi2=test.p_chi2, mcnemar_p_exact=test.p_exact,
         mcnemar_statistic=test.statistic, mcnemar_p=test.p, mcnemar_method=test.method,
         metrics_1=metrics_report(conn, id1), metrics_2=metrics_report(conn, id2),
+        dropped_1=drop_summary(conn, rec1.data_checksum),
+        dropped_2=drop_summary(conn, rec2.data_checksum),
     )
 
 
@@ -146,8 +152,21 @@ def render_text(c: Comparison) -> str:
          f" (exact when b + c < {EXACT_BELOW})"),
         "metrics (each experiment's own scored results, labelled and error-free)",
         *_metrics_lines(c),
+        *_dropped_lines(c),
     ]
     return "\n".join(lines)
+
+
+def _dropped_lines(c: Comparison) -> list[str]:
+    """What never reached the model, per experiment: the same narratives are compared only
+    where both kept them."""
+    first, second = describe(c.dropped_1, limit=5), describe(c.dropped_2, limit=5)
+    if c.dropped_1 is not None and c.dropped_1 == c.dropped_2:
+        return ["not sent to the model (same data file load for both)",
+                *(f"  {line}" for line in first)]
+    return ["not sent to the model",
+            f"  experiment 1: {first[0]}", *(f"    {line}" for line in first[1:]),
+            f"  experiment 2: {second[0]}", *(f"    {line}" for line in second[1:])]
 
 
 def to_json(c: Comparison) -> dict[str, Any]:

@@ -4,12 +4,20 @@ This module owns `FaultConfig` (per-request probabilities, Retry-After, hang len
 seeded draw that picks one outcome per request, and the shape of each fault: the HTTP error
 answers (500, 429, 503, an nginx-style HTML 502, the overload 429 of `max_concurrent`) and
 the damaged 200 answers (prose instead of JSON, fenced JSON, a harmony reasoning channel,
-JSON cut short with finish_reason "length"). Hangs and resets have no answer to shape;
-`server.py` carries them out on the connection.
+JSON cut short with finish_reason "length", indicators as objects). Hangs and resets have no
+answer to shape; `server.py` carries them out on the connection.
+
+Besides the per-request draw, some answers are decided per narrative or per request shape
+(server.py applies them): `invalid_first_rate` picks narratives (by text hash) whose first
+request gets invalid JSON and every later one (a repair turn or a resample) the valid answer;
+and the refusals of whole endpoints (`format_rejection`: a response_format the server does
+not take, as llama.cpp and LM Studio word it; `status_failure`: 401/403/404 on every request,
+as OpenAI words them).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -45,6 +53,8 @@ class FaultConfig:
     truncate_rate: float = 0.0     # 200, JSON cut in half, finish_reason "length"
     retry_after_s: float | None = 1.0
     hang_s: float = 3600.0
+    object_indicators_rate: float = 0.0   # 200, indicators as {"indicator", "evidence"} objects
+    invalid_first_rate: float = 0.0       # per narrative, not drawn: see the module doc
 
     def __post_init__(self) -> None:
         total = 0.0
@@ -52,6 +62,9 @@ class FaultConfig:
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"FaultConfig.{name} must be within 0..1, got {rate!r}")
             total += rate
+        if not 0.0 <= self.invalid_first_rate <= 1.0:
+            raise ValueError("FaultConfig.invalid_first_rate must be within 0..1, "
+                             f"got {self.invalid_first_rate!r}")
         if total > 1.0 + 1e-9:
             raise ValueError(f"FaultConfig rates add up to {total:g}; they must not exceed 1")
         if self.retry_after_s is not None and self.retry_after_s < 0:
@@ -72,6 +85,8 @@ class FaultConfig:
             ("fenced", self.fenced_rate),
             ("reasoning", self.reasoning_rate),
             ("truncated", self.truncate_rate),
+            # new outcomes go last: earlier configurations keep their seeded sequences
+            ("object_indicators", self.object_indicators_rate),
         )
 
     def draw(self, rng: random.Random) -> str:
@@ -126,6 +141,50 @@ def overloaded_answer(config: FaultConfig) -> HttpResponse:
                           config.retry_after_header())
 
 
+# llama.cpp's server (the version before json_schema was a type it knew) and LM Studio.
+_FORMAT_REJECTIONS = {
+    "json_schema": {"error": {
+        "code": 400, "type": "invalid_request_error",
+        "message": "JSON schema conversion failed:\nUnrecognized schema: "
+                   '{"type":"json_schema","json_schema":{...}}'}},
+    "json_object": {"error": "'response_format.type' must be 'json_schema' or 'text'"},
+}
+_OTHER_FORMAT = 'response_format type must be one of "text" or "json_object", but got: '
+
+# OpenAI's wording.
+_STATUS_FAILURES = {
+    401: ("Incorrect API key provided: sk-***. You can find your API key in your account "
+          "settings.", "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to use this model with this API key.", "permission_error",
+          "forbidden"),
+    404: ("The model `{model}` does not exist or you do not have access to it.",
+          "invalid_request_error", "model_not_found"),
+}
+FAIL_STATUSES = tuple(_STATUS_FAILURES)
+
+
+def format_rejection(kind: str) -> HttpResponse:
+    """The 400 of a server that does not take response_format `kind`."""
+    payload = _FORMAT_REJECTIONS.get(kind)
+    if payload is None:
+        payload = {"error": {"code": 400, "type": "invalid_request_error",
+                             "message": _OTHER_FORMAT + kind[:50]}}
+    return HttpResponse(400, json.dumps(payload).encode())
+
+
+def status_failure(status: int, model: str) -> HttpResponse:
+    """A 401, 403 or 404 as OpenAI answers it (a bad key, no access, an unknown model)."""
+    message, err_type, code = _STATUS_FAILURES[status]
+    return HttpResponse(status, json.dumps({"error": {
+        "message": message.replace("{model}", model[:100]), "type": err_type, "param": None,
+        "code": code}}).encode())
+
+
+def invalid_json(answer_json: str) -> str:
+    """The answer as a small model sometimes writes it: a Python dict, not JSON."""
+    return repr(json.loads(answer_json))
+
+
 def shape_content(outcome: str, answer_json: str) -> tuple[str, str]:
     """(content, finish_reason) of a 200 answer, damaged the way `outcome` says."""
     if outcome == "malformed":
@@ -138,4 +197,9 @@ def shape_content(outcome: str, answer_json: str) -> tuple[str, str]:
                 + answer_json), "stop"
     if outcome == "truncated":
         return answer_json[: len(answer_json) // 2], "length"
+    if outcome == "object_indicators":
+        answer = json.loads(answer_json)
+        answer["indicators"] = [{"indicator": cue, "evidence": f"the narrative mentions {cue}"}
+                                for cue in answer["indicators"]]
+        return json.dumps(answer), "stop"
     return answer_json, "stop"

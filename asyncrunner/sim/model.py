@@ -3,8 +3,15 @@
 This module owns what the simulator *thinks*: the IPV cue phrases (`IPV_CUES`), the rule that
 turns a narrative into a `Classification`, the stable ~`NOISE_PERCENT` % "model error", and
 the answer JSON the prompt asks for (`Classification.to_json`). It knows nothing about HTTP,
-faults or the OpenAI envelope; the same text always gets the same answer, on any server, with
-any seed.
+faults or the OpenAI envelope; the same text always gets the same answer, on any server.
+
+Models and sampling: the reference model (`REFERENCE_MODEL`, "mock-classifier", also what a
+request without a model name gets) answers exactly as above for every temperature and seed.
+Any other model name answers slightly differently, deterministically: it gets its own
+further ~`MODEL_NOISE_PERCENT` % of texts wrong and its own confidence wobble, and at a
+temperature above 0 another `temperature` x `SAMPLING_NOISE_PERCENT` % (capped at 1.0) of
+texts flip per request seed. So a sweep over mock "models", temperatures and seeds gives
+distinguishable, repeatable results, and the tests that pin the reference answers stay put.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ IPV_CUES: tuple[str, ...] = (
 
 # Share of texts whose answer is flipped: a stable "model error" so metrics are not perfect.
 NOISE_PERCENT = 8
+
+REFERENCE_MODEL = "mock-classifier"
+MODEL_NOISE_PERCENT = 4
+SAMPLING_NOISE_PERCENT = 5
 
 # Any fixed salt gives a stable ~8% flip; this one keeps the short fixture narratives of the
 # test suite (tests/conftest.py) out of the flipped share, so tests can reason by keyword.
@@ -88,12 +99,27 @@ def text_hash(text: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def classify_text(text: str) -> Classification:
-    """Keyword rule plus a stable ~8% flip; the same text always gets the same answer."""
+def _variant_hash(*parts: str) -> int:
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def classify_text(text: str, model: str = REFERENCE_MODEL, temperature: float = 0.0,
+                  seed: int | None = None) -> Classification:
+    """Keyword rule plus a stable ~8% flip; the same text always gets the same answer from
+    the reference model. Other models and sampling settings vary it (see the module doc)."""
     cues = find_cues(text)
     h = text_hash(text)
     flipped = h % 100 < NOISE_PERCENT
     wobble = ((h >> 8) % 1000) / 1000.0  # 0..1, independent of the flip decision
+    if model and model != REFERENCE_MODEL:
+        v = _variant_hash("model", model, text)
+        flipped ^= v % 100 < MODEL_NOISE_PERCENT
+        wobble = (wobble + ((v >> 8) % 1000) / 1000.0) % 1.0
+        if temperature > 0:
+            share = min(temperature, 1.0) * SAMPLING_NOISE_PERCENT * 100   # per 10,000
+            sampled = _variant_hash("sample", model, str(seed), text)
+            flipped ^= sampled % 10_000 < share
     detected = bool(cues) != flipped
     return Classification(detected, round(_confidence(cues, flipped, wobble), 2),
                           *_explanation(detected, cues))

@@ -3,10 +3,18 @@
 This module owns `MockServer`, an OpenAI-compatible endpoint on 127.0.0.1:
 
   * routing: POST /v1/chat/completions and /chat/completions, GET /v1/models, GET /health;
-  * the life of a completion request: the `max_concurrent` refusal (429), the seeded fault
+  * the life of a completion request: the endpoint-wide refusals (`fail_status` 401/403/404
+    on every request, a wrong `api_key`: 401, a response_format in `reject_response_formats`:
+    the 400 llama.cpp or LM Studio send), the `max_concurrent` refusal (429), the seeded fault
     draw, the `capacity` queue (at most K served at once, the rest wait in arrival order), the
-    latency timer, and the answer built by `model.py`, `faults.py` and `api.py`;
-  * `ServerStats`, an immutable snapshot of counters that never holds request text;
+    latency timer, and the answer built by `model.py`, `faults.py` and `api.py`: per model
+    name, temperature and seed (model.py), within a json_schema's maxItems/maxLength, cut at
+    the request's max_tokens with finish_reason "length" when `truncate_at_max_tokens` is on
+    and the answer needs more, invalid JSON on a narrative's first request under
+    `invalid_first_rate` (a repair turn or a resample then gets the valid answer);
+  * `ServerStats`, an immutable snapshot of counters that never holds request text (it
+    does hold the last response_format as sent, and the tokens of the answers delivered, by
+    the same 4-characters-a-token count as the answers' `usage`);
   * `serve_forever`, the blocking entry point of `asyncrunner mock-server`.
 
 The wire is `http.py`'s; this module only sees whole requests and answers them.
@@ -21,23 +29,27 @@ import sys
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 from . import api
 from .faults import (
+    FAIL_STATUSES,
     HANG,
     RESET,
     FaultConfig,
     FaultDraws,
     error_answer,
+    format_rejection,
+    invalid_json,
     overloaded_answer,
     shape_content,
+    status_failure,
 )
 from .http import Exchange, HttpResponse, HttpServer
-from .model import classify_text, text_hash
+from .model import Classification, classify_text, text_hash
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
@@ -64,6 +76,13 @@ class ServerStats:
     peak_connections: int = 0              # most TCP connections open at once
     queued: int = 0                        # waiting for one of `capacity` slots
     max_queued: int = 0
+    prompt_tokens: int = 0                 # usage of the 200 answers delivered, summed
+    completion_tokens: int = 0
+    repair_turns: int = 0                  # completions that were repair turns
+    by_response_format: Mapping[str, int] = field(     # type or "none" -> count
+        default_factory=lambda: MappingProxyType({}))
+    last_response_format: Any = None       # the last one received, as sent (decoded JSON)
+    last_seed: int | None = None           # the last completion request's seed
 
     def outcome(self, name: str) -> int:
         return self.by_outcome.get(name, 0)
@@ -77,7 +96,8 @@ class ServerStats:
         return (f"requests={self.total_requests} completions={self.completion_requests} "
                 f"statuses={statuses or '-'} max_in_flight={self.max_in_flight} "
                 f"connections_opened={self.connections_opened} "
-                f"peak_connections={self.peak_connections}")
+                f"peak_connections={self.peak_connections} "
+                f"tokens={self.prompt_tokens}+{self.completion_tokens}")
 
 
 # The states of a completion between admission and its end.
@@ -87,14 +107,15 @@ _QUEUED, _SERVING, _HANGING, _DONE = range(4)
 class _Job:
     """One admitted completion request, its answer already built (None for a hang)."""
 
-    __slots__ = ("delay_s", "exchange", "outcome", "response", "state", "timer")
+    __slots__ = ("delay_s", "exchange", "outcome", "response", "state", "timer", "tokens")
 
     def __init__(self, exchange: Exchange, outcome: str, response: HttpResponse | None,
-                 delay_s: float) -> None:
+                 delay_s: float, tokens: tuple[int, int] = (0, 0)) -> None:
         self.exchange = exchange
         self.outcome = outcome
         self.response = response
         self.delay_s = delay_s
+        self.tokens = tokens
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
 
@@ -106,12 +127,20 @@ class MockServer:
     `capacity`: serve at most this many completions at once and queue the rest, so the
     throughput is capacity / latency, as on a real inference server with K slots. Hangs and
     resets take no slot (they stand for requests lost in front of the model).
+    `reject_response_formats`: response_format types ("json_schema", "json_object") answered
+    with the 400 of a server that does not take them.
+    `fail_status`: 401, 403 or 404 to every completion request (bad key, no access, unknown
+    model); `api_key`: 401 unless the request carries `Authorization: Bearer <api_key>`.
+    `truncate_at_max_tokens`: an answer longer than the request's max_tokens is cut there,
+    finish_reason "length".
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
                  faults: FaultConfig = _NO_FAULTS, seed: int = 0,
                  model: str = "mock-classifier", max_concurrent: int | None = None,
-                 capacity: int | None = None, latency_jitter_ms: float = 0.0) -> None:
+                 capacity: int | None = None, latency_jitter_ms: float = 0.0,
+                 reject_response_formats: Iterable[str] = (), fail_status: int | None = None,
+                 api_key: str | None = None, truncate_at_max_tokens: bool = False) -> None:
         if host not in ("127.0.0.1", "localhost"):
             # A simulator that answers anyone on the network is never what a test wants.
             raise ValueError(f"MockServer listens on loopback only, not {host!r}")
@@ -121,6 +150,8 @@ class MockServer:
             raise ValueError("max_concurrent must be >= 1 or None")
         if capacity is not None and capacity < 1:
             raise ValueError("capacity must be >= 1 or None")
+        if fail_status is not None and fail_status not in FAIL_STATUSES:
+            raise ValueError(f"fail_status must be one of {FAIL_STATUSES} or None")
         self.host = "127.0.0.1"  # "localhost" could resolve to ::1 and miss the URL below
         self.port = port
         self.latency_ms = latency_ms
@@ -130,7 +161,12 @@ class MockServer:
         self.model = model
         self.max_concurrent = max_concurrent
         self.capacity = capacity
+        self.reject_response_formats = frozenset(reject_response_formats)
+        self.fail_status = fail_status
+        self.api_key = api_key
+        self.truncate_at_max_tokens = truncate_at_max_tokens
         self._draws = FaultDraws(faults, seed)
+        self._answered_invalid: set[tuple[str, int]] = set()   # invalid_first_rate
         self._http = HttpServer(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: deque[_Job] = deque()
@@ -146,6 +182,12 @@ class MockServer:
         self._max_in_flight = 0
         self._queued = 0
         self._max_queued = 0
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._repair_turns = 0
+        self._formats: Counter[str] = Counter()
+        self._last_format: Any = None
+        self._last_seed: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -198,6 +240,12 @@ class MockServer:
             peak_connections=self._http.peak_connections,
             queued=self._queued,
             max_queued=self._max_queued,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            repair_turns=self._repair_turns,
+            by_response_format=MappingProxyType(dict(self._formats)),
+            last_response_format=self._last_format,
+            last_seed=self._last_seed,
         )
 
     def request_times(self) -> tuple[float, ...]:
@@ -212,6 +260,9 @@ class MockServer:
         self._arrivals = array("d")
         self._max_in_flight = self._in_flight
         self._max_queued = self._queued
+        self._prompt_tokens = self._completion_tokens = self._repair_turns = 0
+        self._formats.clear()
+        self._last_format = self._last_seed = None
         self._http.reset_peak()
 
     def _send(self, exchange: Exchange, outcome: str, response: HttpResponse) -> None:
@@ -251,22 +302,37 @@ class MockServer:
     # -- the life of a completion ------------------------------------------------------
 
     def _completion(self, exchange: Exchange) -> None:
+        if self.fail_status is not None:
+            self._send(exchange, f"status_{self.fail_status}",
+                       status_failure(self.fail_status, self.model))
+            return
+        if self.api_key is not None and exchange.request.headers.get(
+                "authorization", "") != f"Bearer {self.api_key}":
+            self._send(exchange, "status_401", status_failure(401, self.model))
+            return
         if self.max_concurrent is not None and self._in_flight >= self.max_concurrent:
             # Refused requests are not "in flight": max_in_flight counts admitted work only.
             self._send(exchange, "overloaded", overloaded_answer(self.faults))
             return
         try:
-            model, messages = api.parse_completion_body(exchange.request.body)
+            request = api.parse_completion_body(exchange.request.body)
         except ValueError as exc:
             self._send(exchange, "bad_request",
                        api.error_response(400, str(exc), "invalid_request_error"))
+            return
+        kind = request.response_format_type
+        self._formats[kind] += 1
+        self._last_format = request.response_format
+        self._last_seed = request.seed
+        if kind in self.reject_response_formats:
+            self._send(exchange, "format_rejected", format_rejection(kind))
             return
         outcome = self._draws.next()
         if outcome == RESET:
             self._outcomes[outcome] += 1
             exchange.reset()
             return
-        job = self._job(exchange, outcome, model or self.model, messages)
+        job = self._job(exchange, outcome, request)
         self._in_flight += 1
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
         exchange.on_abandon(lambda: self._abandon(job))
@@ -279,16 +345,19 @@ class MockServer:
         else:
             self._serve(job)
 
-    def _job(self, exchange: Exchange, outcome: str, model: str,
-             messages: list[api.Message]) -> _Job:
+    def _job(self, exchange: Exchange, outcome: str, request: api.CompletionRequest) -> _Job:
         if outcome == HANG:
             return _Job(exchange, outcome, None, 0.0)
         # The answer is built on arrival, so that when a wave of latency timers fires
         # together each costs one write: the simulator then adds almost nothing to latency.
-        text = api.last_user_text(messages)
-        response = (error_answer(outcome, self.faults)
-                    or self._chat_completion(outcome, model, messages, text))
-        return _Job(exchange, outcome, response, self._delay_s(text))
+        text = api.narrative_text(request.messages)
+        if api.is_repair_turn(request.messages):
+            self._repair_turns += 1
+        error = error_answer(outcome, self.faults)
+        if error is not None:
+            return _Job(exchange, outcome, error, self._delay_s(text))
+        response, tokens = self._chat_completion(outcome, request, text)
+        return _Job(exchange, outcome, response, self._delay_s(text), tokens)
 
     def _hang(self, job: _Job) -> None:
         # Hold the request until the client gives up (abandon), hang_s passes, or stop().
@@ -311,6 +380,9 @@ class MockServer:
     def _answer(self, job: _Job) -> None:
         self._finish(job)
         assert job.response is not None  # only hangs have none, and they are never served
+        if job.exchange.open:
+            self._prompt_tokens += job.tokens[0]
+            self._completion_tokens += job.tokens[1]
         self._send(job.exchange, job.outcome, job.response)
 
     def _abandon(self, job: _Job) -> None:
@@ -356,12 +428,65 @@ class MockServer:
             delay_ms = max(0.0, delay_ms + (2.0 * unit - 1.0) * self.latency_jitter_ms)
         return delay_ms / 1000.0
 
-    def _chat_completion(self, outcome: str, model: str, messages: list[api.Message],
-                         text: str) -> HttpResponse:
-        content, finish_reason = shape_content(outcome, classify_text(text).to_json())
+    def _chat_completion(self, outcome: str, request: api.CompletionRequest,
+                         text: str) -> tuple[HttpResponse, tuple[int, int]]:
+        model = request.model or self.model
+        answer = classify_text(text, model, request.temperature, request.seed)
+        schema = request.schema
+        if schema is not None:
+            answer = _within_schema(answer, schema)
+        answer_json = answer.to_json()
+        if self.faults.invalid_first_rate and self._invalid_first(request, model, text):
+            content, finish_reason = invalid_json(answer_json), "stop"
+        else:
+            content, finish_reason = shape_content(outcome, answer_json)
+        usage = api.usage_tokens(request.messages, content)
+        limit = request.max_tokens
+        if (self.truncate_at_max_tokens and limit is not None and limit >= 1
+                and usage[1] > limit):
+            content, finish_reason = content[: limit * 4], "length"
+            usage = (usage[0], limit)
         self._counter += 1
-        return api.chat_completion(f"chatcmpl-mock-{self.seed}-{self._counter}", model,
-                                   messages, content, finish_reason)
+        response = api.chat_completion(f"chatcmpl-mock-{self.seed}-{self._counter}", model,
+                                       request.messages, content, finish_reason, usage)
+        return response, usage
+
+    def _invalid_first(self, request: api.CompletionRequest, model: str, text: str) -> bool:
+        """A narrative picked by `invalid_first_rate` that this server has not answered
+        before, in a request that is not a repair turn."""
+        h = text_hash(text)
+        if ((h >> 40) % 10_000) >= self.faults.invalid_first_rate * 10_000:
+            return False
+        if api.is_repair_turn(request.messages):
+            return False
+        key = (model, h)
+        if key in self._answered_invalid:
+            return False
+        self._answered_invalid.add(key)
+        return True
+
+
+def _within_schema(answer: Classification, schema: dict[str, Any]) -> Classification:
+    """The answer kept within a json_schema's maxItems / maxLength, as a constrained
+    decoder would."""
+    props = schema.get("properties")
+    if not isinstance(props, dict):
+        return answer
+    indicators_schema = props.get("indicators") or {}
+    items_schema = indicators_schema.get("items") or {}
+    rationale_schema = props.get("rationale") or {}
+    max_items = indicators_schema.get("maxItems")
+    item_len = items_schema.get("maxLength")
+    rationale_len = rationale_schema.get("maxLength")
+    indicators = answer.indicators
+    if isinstance(max_items, int):
+        indicators = indicators[:max_items]
+    if isinstance(item_len, int):
+        indicators = tuple(i[:item_len] for i in indicators)
+    rationale = answer.rationale
+    if isinstance(rationale_len, int):
+        rationale = rationale[:rationale_len]
+    return Classification(answer.detected, answer.confidence, indicators, rationale)
 
 
 def _histogram(arrivals: array[float]) -> tuple[int, ...]:
@@ -376,7 +501,9 @@ def _histogram(arrivals: array[float]) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- CLI entry
 
-_SERVER_KWARGS = frozenset({"seed", "model", "max_concurrent", "capacity", "latency_jitter_ms"})
+_SERVER_KWARGS = frozenset({"seed", "model", "max_concurrent", "capacity", "latency_jitter_ms",
+                            "reject_response_formats", "fail_status", "api_key",
+                            "truncate_at_max_tokens"})
 
 
 def _split_options(error_rate: float,
@@ -397,8 +524,9 @@ def serve_forever(port: int, latency_ms: float, error_rate: float, **fault_kwarg
     then prints one summary line of requests and connections to stderr and returns.
 
     `fault_kwargs` takes FaultConfig fields (rate_429=0.1, ...) and the MockServer options
-    seed, model, max_concurrent, capacity and latency_jitter_ms. Runs on uvloop when it is
-    installed (never required).
+    seed, model, max_concurrent, capacity, latency_jitter_ms, reject_response_formats,
+    fail_status, api_key and truncate_at_max_tokens. Runs on uvloop when it is installed
+    (never required).
     """
     from ..errors import UsageError
 

@@ -1,0 +1,61 @@
+"""Bad input from the command line: one line on stderr, a non-zero exit, never a traceback,
+and the database unchanged. One row per hostile input; each runs the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import experiment_id_from, run_cli, write_config, write_fixture_csv
+
+ESC_NAME = "evil \x1b]0;pwned\x07\x1b[2J name \u202e"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A database with one completed experiment whose name holds escape sequences."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    data = write_fixture_csv(tmp / "cases.csv")
+    cfg = write_config(tmp, data, "http://unused.invalid/v1", model={"provider": "mock"})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["experiment"]["name"] = ESC_NAME
+    cfg.write_text(yaml.safe_dump(raw))
+    db = tmp / "runs.db"
+    proc = run_cli("run", str(cfg), "--db", str(db))
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout + proc.stderr
+    return db, experiment_id_from(proc.stdout)
+
+
+CASES = {
+    "watch negative": ["status", "--watch", "-1"],
+    "watch nan": ["status", "--watch", "nan"],
+    "watch inf": ["status", "{id}", "--watch", "inf"],
+    "export into a folder": ["export", "{id}", "--out", "."],
+    "report into the root folder": ["report", "{id}", "--out", "/"],
+    "export where nothing can be written": ["export", "{id}", "--out", "/proc/x.csv"],
+    "report where nothing can be written": ["report", "{id}", "--out", "/proc/x/r.html"],
+    "malformed id": ["export", "not-an-id"],
+}
+
+
+@pytest.mark.parametrize("argv", CASES.values(), ids=CASES.keys())
+def test_hostile_arguments_get_one_line_and_leave_the_database_alone(
+        finished: tuple[Path, str], argv: list[str]) -> None:
+    db, eid = finished
+    before = db.read_bytes()
+    proc = run_cli(*[a.format(id=eid) for a in argv], "--db", str(db))
+    assert proc.returncode in (2, 3), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert db.read_bytes() == before
+
+
+def test_escape_sequences_in_names_are_shown_not_executed(finished: tuple[Path, str]) -> None:
+    db, eid = finished
+    for argv in (["status"], ["status", eid]):
+        proc = run_cli(*argv, "--db", str(db))
+        assert proc.returncode == 0, proc.stderr
+        assert "\x1b" not in proc.stdout and "\u202e" not in proc.stdout
+        assert "evil \\x1b]0;pwned\\x07\\x1b[2J name \\u202e" in proc.stdout
