@@ -22,7 +22,7 @@ from asyncrunner import __version__, logs, refusals
 from asyncrunner.config import DEFAULT_DB
 from asyncrunner.db import experiments, store
 from asyncrunner.db.schema import connect, connect_existing, connect_readonly, migrate_existing
-from asyncrunner.errors import AsyncRunnerError, Stopped, UsageError
+from asyncrunner.errors import AsyncRunnerError, Stopped, TooManyErrors, UsageError
 from asyncrunner.ids import require_uuid
 from asyncrunner.results import status
 from asyncrunner.textsafe import for_terminal
@@ -67,7 +67,7 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from asyncrunner.plan import check_categories
     from asyncrunner.progress_view import ProgressView
-    from asyncrunner.session import execute, request_from_env
+    from asyncrunner.session import RunSummary, execute, request_from_env
 
     categories = check_categories(args.category) if args.category else None
     req = request_from_env(
@@ -79,8 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if categories is not None and not req.retry_errors_only:
         raise UsageError("--category chooses which errors --retry-errors-only retries; "
                          "give --retry-errors-only (or RETRY_ERRORS_ONLY=1) too")
+    too_many: TooManyErrors | None = None
     with ProgressView.for_stream(sys.stdout) as view:
-        summary = execute(req, on_commit=view.update)
+        try:
+            summary = execute(req, on_commit=view.update)
+        except TooManyErrors as exc:     # completed: reported as usual, then exit 4
+            if not isinstance(exc.summary, RunSummary):
+                raise
+            summary, too_many = exc.summary, exc
     with closing(connect(req.db_path)) as conn:
         info = status.collect(conn, req.db_path, summary.experiment_id)
     if info:
@@ -88,6 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"exports: {summary.exports.get('csv')} {summary.exports.get('json')}")
     if summary.exports.get("report"):
         say(f"report: {summary.exports['report']}")
+    if too_many is not None:
+        raise too_many
     return 0
 
 
@@ -221,6 +229,9 @@ MOCK_FAULT_FLAGS = {
     "fenced-rate": "share answered with JSON in code fences and prose",
     "reasoning-rate": "share answered in harmony reasoning format",
     "truncate-rate": "share answered with truncated JSON, finish_reason=length",
+    "invalid-first-rate": "share of narratives whose first answer is invalid JSON (a repair "
+                          "turn or a resample then gets the valid one)",
+    "object-indicators-rate": "share answered with indicators as {indicator, evidence} objects",
 }
 
 
@@ -232,7 +243,10 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
     serve_forever(args.port, args.latency_ms, args.error_rate, **faults,
                   retry_after_s=None if args.retry_after_s < 0 else args.retry_after_s,
                   max_concurrent=args.max_concurrent, capacity=args.capacity, seed=args.seed,
-                  latency_jitter_ms=args.latency_jitter_ms)
+                  latency_jitter_ms=args.latency_jitter_ms, model=args.model,
+                  reject_response_formats=tuple(args.reject_response_format or ()),
+                  fail_status=args.fail_status, api_key=args.api_key,
+                  truncate_at_max_tokens=args.truncate_at_max_tokens)
     return 0
 
 
@@ -385,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve at most this many requests at once and queue the rest "
                         "(throughput = capacity / latency)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    p.add_argument("--model", default="mock-classifier",
+                   help="model name the simulator reports")
+    p.add_argument("--reject-response-format", action="append",
+                   choices=("json_schema", "json_object"),
+                   help="answer requests with this response_format type with the 400 of a "
+                        "server that does not take it (repeatable)")
+    p.add_argument("--fail-status", type=int, choices=(401, 403, 404), default=None,
+                   help="answer every completion request with this status")
+    p.add_argument("--api-key", default=None,
+                   help="answer 401 unless the request carries this bearer key")
+    p.add_argument("--truncate-at-max-tokens", action="store_true",
+                   help="cut answers longer than the request's max_tokens, "
+                        "finish_reason=length")
     p.set_defaults(func=cmd_mock_server)
     return parser
 
@@ -407,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()
     try:
         return int(args.func(args))
-    except Stopped as exc:
+    except (Stopped, TooManyErrors) as exc:
         say(f"asyncrunner: {exc}", file=sys.stderr)
         return exc.exit_code
     except AsyncRunnerError as exc:

@@ -24,6 +24,12 @@ from asyncrunner.errors import ConfigError
 TEXT_PLACEHOLDER = "<<TEXT>>"
 DEFAULT_DB = "data/experiments.db"
 PROVIDERS = ("openai", "mock")
+RESPONSE_FORMAT_SETTINGS = ("auto", "json_schema", "json_object", "none")
+SYSTEM_ROLES = ("system", "user")
+PARSE_RETRIES = ("repair", "resample", "off")
+# Written into a stored configuration (config_json) by the session: the mode the probe chose.
+# Not a setting: dropped when a stored configuration is rebuilt.
+RESPONSE_FORMAT_USED = "response_format_used"
 # Cell texts that stand for "no narrative" (compared trimmed, ignoring case); a text with no
 # letter or digit at all (whitespace and punctuation only) is always blank as well.
 DEFAULT_PLACEHOLDERS = ("N/A", "NA", ".", "-", "none", "unknown")
@@ -45,10 +51,12 @@ class ModelSection:
     temperature: float = 0.0
     max_tokens: int = 512
     timeout_s: float = 120.0
-    response_format: str | None = None
+    # auto | json_schema | json_object | none; empty (None) means none (older configs)
+    response_format: str | None = "auto"
     extra_body: dict[str, Any] | None = None
     price_per_1k_input: float | None = None
     price_per_1k_output: float | None = None
+    max_response_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class PromptSection:
         '{"detected": bool, "confidence": 0..1, "indicators": [str], "rationale": str}.'
     )
     user_template: str = "Narrative:\n" + TEXT_PLACEHOLDER
+    system_role: str = "system"         # system | user (system prompt opens the user turn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,9 @@ class RunSection:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     grace_period_s: float = 30.0
+    parse_retry: str = "repair"         # repair | resample | off
+    max_error_share: float = 0.2        # above it a finished run exits 4
+    breaker_window: int = 50            # this many errors in a row stop the run (exit 4)
     output_dir: str = "benchmark_results"
     log_dir: str = "logs/experiments"
 
@@ -215,8 +227,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.timeout_s' must be positive")
     if m.max_tokens < 1:
         raise ConfigError("config key 'model.max_tokens' must be at least 1")
-    if m.response_format not in (None, "json_object"):
-        raise ConfigError("config key 'model.response_format' must be json_object or empty")
+    if m.response_format not in RESPONSE_FORMAT_SETTINGS:
+        raise ConfigError("config key 'model.response_format' must be one of "
+                          f"{', '.join(RESPONSE_FORMAT_SETTINGS)} (empty means none)")
+    if m.max_response_bytes < 1024:
+        raise ConfigError("config key 'model.max_response_bytes' must be at least 1024")
+    if p.system_role not in SYSTEM_ROLES:
+        raise ConfigError("config key 'prompt.system_role' must be system or user")
+    if r.parse_retry not in PARSE_RETRIES:
+        raise ConfigError("config key 'run.parse_retry' must be one of "
+                          f"{', '.join(PARSE_RETRIES)}")
+    if not 0.0 <= r.max_error_share <= 1.0:
+        raise ConfigError("config key 'run.max_error_share' must be between 0 and 1")
+    if r.breaker_window < 1:
+        raise ConfigError("config key 'run.breaker_window' must be at least 1")
     if not d.narratives:
         raise ConfigError("config key 'data.narratives' must map at least one narrative type")
     unknown_flags = sorted(set(d.flags) - set(d.narratives))
@@ -283,6 +307,10 @@ def build_config(raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None 
         name: _build_section(name, cls, raw.get(name), env, overrides)
         for name, cls in SECTIONS.items()
     }
+    model = sections["model"]
+    if model.response_format in (None, ""):
+        # empty was "no response_format field" before auto existed
+        sections["model"] = dataclasses.replace(model, response_format="none")
     cfg = Config(**sections, source_path=source)
     _validate(cfg)
     return cfg
@@ -298,7 +326,12 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a stored configuration (the experiment record's config_json) as it was."""
+    """Rebuild a stored configuration (the experiment record's config_json) as it was.
+    The probe's chosen mode (`model.response_format_used`) is a record, not a setting:
+    dropped here (the session reads it from the experiment's column)."""
+    model = data.get("model")
+    if isinstance(model, Mapping) and RESPONSE_FORMAT_USED in model:
+        data = {**data, "model": {k: v for k, v in model.items() if k != RESPONSE_FORMAT_USED}}
     return build_config(data, overrides={}, env={})
 
 

@@ -9,6 +9,11 @@ Only the CLI turns these into exit codes; everything below it raises them.
     ├── RefusedError        exit 3   a guard said no: lock held, checksum mismatch,
     │                                completed experiment, unknown or malformed id
     ├── RunFailed           exit 1   the run stopped on an unexpected error (status 'failed')
+    ├── EndpointCannotServe exit 4   the endpoint cannot serve the run (401/403/404, a refused
+    │                                request field, the circuit breaker): status 'interrupted',
+    │                                everything received is stored, resumable
+    ├── TooManyErrors       exit 4   the run completed, but its error share is above
+    │                                run.max_error_share (raised after the report is written)
     └── Stopped             130/143  SIGINT / SIGTERM after a clean checkpoint
 
 Request failures never become exceptions that leave a worker: the client turns them into
@@ -46,6 +51,23 @@ class RefusedError(AsyncRunnerError):
 
 class RunFailed(AsyncRunnerError):
     exit_code = 1
+
+
+class EndpointCannotServe(AsyncRunnerError):
+    """The endpoint cannot serve this run; the message says what it said and what to check."""
+
+    exit_code = 4
+
+
+class TooManyErrors(AsyncRunnerError):
+    """The run completed with more errors than run.max_error_share allows. `summary` is what
+    the session returns otherwise (its RunSummary), for the CLI to report as usual."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class Stopped(AsyncRunnerError):

@@ -24,6 +24,7 @@ FORBIDDEN_KEYS = frozenset({"text", "narrative_text", "narrative", "api_key", "a
 CONSOLE_EVENTS = frozenset({
     "run_start", "ingest", "resume", "config_drift", "stale_lock", "backup", "signal",
     "run_finished", "run_interrupted", "run_failed", "exports", "retry_errors_ignored",
+    "response_format",
 })
 
 

@@ -1,17 +1,29 @@
 """One session of an experiment: plan it, then carry the plan out with one shared tail.
 
     draft (no database) -> lock -> [backup] -> plan (every guard) -> [backup] ->
-        open the record and the session row -> pipeline -> end (record and session row)
+        open the record and the session row -> probe -> pipeline -> end (record and
+        session row) -> [error-share check]
 
 The same tail serves a new experiment, a resume and a retry of error rows; only the plan
 differs. The session owns the experiment lock (held from before the plan is checked until
 after the final status is written, released on every exit path), the synchronous
 connection used outside the pipeline, the run log, and the HTTP client the pipeline uses
 (with the built-in simulator started here for `provider: mock`). It ends every session in
-one status: `completed` after finalize, `interrupted` on a signal, `failed` with the reason
-on any unexpected error; and it records itself in the `sessions` table (db/sessions.py):
+one status: `completed` after finalize, `interrupted` on a signal or when the endpoint
+cannot serve (EndpointCannotServe, exit 4: a fatal probe answer, a fatal answer during the
+run, the circuit breaker; the reason in failure_reason), `failed` with the reason on any
+unexpected error; and it records itself in the `sessions` table (db/sessions.py):
 intent, effective settings and their difference from the stored configuration, what it did
 and how it ended.
+
+The response-format probe (llm/probe.py) runs on the pipeline's HTTP session before the
+first narrative: a new experiment tries its `model.response_format` setting (auto falls
+back json_schema -> json_object -> none), a resume of an `auto` experiment only the mode
+its first probe chose; the mode is stored (experiments.response_format_used and
+config_json's model.response_format_used) and logged as one line. An endpoint that answers
+no try at all (busy, unreachable) does not stop the run: it goes ahead with the setting's
+first mode, unverified. A session with nothing to send does not probe. After the report, a
+completed run whose error share is above run.max_error_share raises TooManyErrors (exit 4).
 
 Backups: before a resume writes anything (after its guards passed), and before a new run
 writes into a database that already holds experiments (before its ingest).
@@ -41,8 +53,16 @@ from asyncrunner.db import backup, drops, experiments, sessions, store
 from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
-from asyncrunner.errors import AsyncRunnerError, RunFailed, Stopped
+from asyncrunner.errors import (
+    AsyncRunnerError,
+    EndpointCannotServe,
+    RunFailed,
+    Stopped,
+    TooManyErrors,
+)
+from asyncrunner.llm.answer_schema import candidate_formats
 from asyncrunner.llm.client import ClientSettings, make_http_client, normalize_api_url, redact_url
+from asyncrunner.llm.probe import ProbeError, ProbeResult, probe
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
@@ -311,8 +331,11 @@ def _client_settings(plan: RunPlan) -> ClientSettings:
     return ClientSettings(
         api_url=normalize_api_url(m.api_url), model=m.name, temperature=m.temperature,
         max_tokens=m.max_tokens, timeout_s=m.timeout_s, max_attempts=plan.config.run.max_attempts,
-        seed=plan.config.run.seed, api_key=key or None, response_format=m.response_format,
+        seed=plan.config.run.seed, api_key=key or None,
+        # the setting (auto...) until the probe has chosen the mode actually sent
+        response_format=None if m.response_format in (None, "none") else m.response_format,
         extra_body=dict(m.extra_body or {}), backoff_base_s=plan.config.run.retry_backoff_s,
+        system_role=plan.config.prompt.system_role,
     )
 
 
@@ -323,18 +346,55 @@ def pipeline_spec(plan: RunPlan) -> PipelineSpec:
         writer=WriterSettings(experiment_id=plan.experiment_id, total=plan.total,
                               session_target=plan.target, batch_size=r.batch_size,
                               interval_s=r.commit_interval_s,
-                              retry_errors_only=plan.intent is Intent.RETRY_ERRORS),
+                              retry_errors_only=plan.intent is Intent.RETRY_ERRORS,
+                              max_tokens=plan.config.model.max_tokens),
         client=_client_settings(plan),
-        prompt=Prompt(plan.config.prompt.system_prompt, plan.config.prompt.user_template),
+        prompt=Prompt(plan.config.prompt.system_prompt, plan.config.prompt.user_template,
+                      r.parse_retry),
         workers=r.workers, grace_s=r.grace_period_s,
         requests_per_minute=r.requests_per_minute, tokens_per_minute=r.tokens_per_minute,
+        breaker_window=r.breaker_window,
     )
+
+
+def _probe_setting(conn: sqlite3.Connection, plan: RunPlan) -> str:
+    """What the probe tries: a new experiment its configured setting (auto falls back); a
+    resume the experiment's setting, and for `auto` only the mode its first probe chose
+    (an experiment from before the probe has its stored setting, `none` when it had none)."""
+    setting = plan.config.model.response_format or "none"
+    if not plan.is_new and setting == "auto":
+        row = conn.execute("SELECT response_format_used FROM experiments "
+                           "WHERE experiment_id = ?", (plan.experiment_id,)).fetchone()
+        if row is not None and row[0]:
+            return str(row[0])
+    return setting
+
+
+def _record_probe(conn: sqlite3.Connection, plan: RunPlan, result: ProbeResult) -> None:
+    """Store the chosen mode (column and config_json) and say it."""
+    log.info("response_format", message=result.summary(), mode=result.mode,
+             tries=[{"mode": t.mode, "verdict": str(t.verdict), "status": t.status}
+                    for t in result.tries])
+    experiments.record_response_format(conn, plan.experiment_id, result.mode)
+
+
+def _unverified(setting: str, exc: ProbeError) -> ProbeResult:
+    """The endpoint was busy or unreachable for every try (not a refusal): the run goes
+    ahead with the setting's first mode, unverified; its own retries and the circuit
+    breaker deal with an endpoint that stays down."""
+    mode = candidate_formats(setting)[0]
+    log.warning("probe_unanswered", message=(
+        f"{exc}; going ahead with response_format {mode} (not verified)"))
+    return ProbeResult(mode, exc.tries)
 
 
 async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                           on_commit: Callable[[Snapshot], None] | None,
-                          transport: httpx.AsyncBaseTransport | None) -> PipelineOutcome:
-    """Bring up the HTTP side (and the simulator for `provider: mock`), run the pipeline."""
+                          transport: httpx.AsyncBaseTransport | None,
+                          setting: str, on_probe: Callable[[ProbeResult], None],
+                          ) -> PipelineOutcome:
+    """Bring up the HTTP side (and the simulator for `provider: mock`), probe the response
+    format on it, run the pipeline."""
     async with AsyncExitStack() as stack:
         if plan.config.model.provider == "mock" and transport is None:
             from asyncrunner.sim import MockServer
@@ -343,7 +403,22 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                 MockServer(latency_ms=0.0, model=spec.client.model))
             spec = _with_url(spec, server.url)
         http = await stack.enter_async_context(
-            make_http_client(spec.workers, spec.client.timeout_s, transport=transport))
+            make_http_client(spec.workers, spec.client.timeout_s, transport=transport,
+                             max_response_bytes=plan.config.model.max_response_bytes))
+        if plan.target == 0:      # nothing to send (a resume that only finalizes)
+            found = ProbeResult(candidate_formats(setting)[0], ())
+        else:
+            try:
+                found = await probe(spec.client, http, spec.prompt.system_prompt,
+                                    spec.prompt.user_template, setting=setting)
+            except ProbeError as exc:
+                if exc.fatal:
+                    raise EndpointCannotServe(
+                        f"the endpoint cannot serve this run: {exc}") from None
+                found = _unverified(setting, exc)
+            on_probe(found)
+        mode = None if found.mode == "none" else found.mode
+        spec = replace(spec, client=replace(spec.client, response_format=mode))
         return await run_pipeline(spec, http, on_commit=on_commit)
 
 
@@ -356,11 +431,15 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                transport: httpx.AsyncBaseTransport | None) -> RunSummary:
     experiment_id = plan.experiment_id
     try:
-        outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan), on_commit, transport)
+        outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan), on_commit, transport,
+                            _probe_setting(conn, plan),
+                            lambda found: _record_probe(conn, plan, found))
         # The event loop put the default SIGTERM action back when it closed.
         signal.signal(signal.SIGTERM, _raise_stopped)
         if outcome.stopped_by is not None:
             raise Stopped(outcome.stopped_by)
+        if outcome.halted is not None:
+            raise EndpointCannotServe(outcome.halted)
         done, _ = store.count_results(conn, experiment_id)
         if done < plan.total:
             raise RunFailed(f"work ran out with {done}/{plan.total} narratives stored")
@@ -370,6 +449,9 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         _end_interrupted(conn, plan, session_id, signum)
         raise Stopped(signum) from None
+    except EndpointCannotServe as exc:
+        _end_cannot_serve(conn, plan, session_id, str(exc))
+        raise
     except AsyncRunnerError as exc:
         _end_failed(conn, experiment_id, session_id, str(exc))
         raise
@@ -387,7 +469,26 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
     log.info("run_finished", message=f"experiment {experiment_id} completed",
              n=overall["n"], precision=overall["precision"], recall=overall["recall"],
              f1=overall["f1"])
-    return RunSummary(experiment_id, Status.COMPLETED, result["metrics"], result["exports"])
+    summary = RunSummary(experiment_id, Status.COMPLETED, result["metrics"], result["exports"])
+    _check_error_share(conn, plan, summary)
+    return summary
+
+
+def _check_error_share(conn: sqlite3.Connection, plan: RunPlan, summary: RunSummary) -> None:
+    """A completed run whose error share is above run.max_error_share stays completed with
+    everything stored, and says so (exit 4)."""
+    done, errors = store.count_results(conn, plan.experiment_id)
+    limit = plan.config.run.max_error_share
+    if not done or errors / done <= limit:
+        return
+    by_category = ", ".join(f"{k} {v}" for k, v in sorted(
+        store.errors_by_category(conn, plan.experiment_id).items(), key=lambda kv: -kv[1]))
+    message = (f"{errors} of {done} narratives ({errors / done:.1%}) ended in an error "
+               f"({by_category}), above run.max_error_share={limit:g}; the experiment is "
+               "completed and every result is stored; retry the errors with RESUME=1 "
+               f"RETRY_ERRORS_ONLY=1 EXPERIMENT_ID={plan.experiment_id}")
+    log.warning("error_share", message=message, errors=errors, done=done, limit=limit)
+    raise TooManyErrors(message, summary)
 
 
 def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
@@ -399,6 +500,17 @@ def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
     log.warning("run_interrupted", message=(
         f"interrupted: {done}/{plan.total} narratives stored; resume with "
         f"RESUME=1 EXPERIMENT_ID={plan.experiment_id} or "
+        f"`asyncrunner resume {plan.experiment_id}`"))
+
+
+def _end_cannot_serve(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
+                      reason: str) -> None:
+    """Stopped because the endpoint cannot serve: like a signal, resumable once it can."""
+    experiments.set_status(conn, plan.experiment_id, Status.INTERRUPTED, reason[:500])
+    _end_session(conn, session_id, SessionEnd.INTERRUPTED, reason[:500])
+    done, _ = store.count_results(conn, plan.experiment_id)
+    log.error("endpoint_cannot_serve", message=(
+        f"stopped: {reason[:300]}; {done}/{plan.total} narratives stored; fix it, then "
         f"`asyncrunner resume {plan.experiment_id}`"))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 SESSION_KEYS: frozenset[str] = frozenset({
     "model.api_url", "model.api_key_env", "model.timeout_s",
-    "model.price_per_1k_input", "model.price_per_1k_output",
+    "model.price_per_1k_input", "model.price_per_1k_output", "model.max_response_bytes",
     "run.workers", "run.batch_size", "run.commit_interval_s", "run.max_attempts",
     "run.retry_backoff_s", "run.requests_per_minute", "run.tokens_per_minute",
     "run.grace_period_s", "run.output_dir", "run.log_dir",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -40,6 +41,17 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+@pytest.fixture
+def console() -> Iterator[io.StringIO]:
+    """The console log lines of in-process runs (logs.configure), restored afterwards."""
+    from asyncrunner import logs
+
+    sink = io.StringIO()
+    logs.configure(console=sink)
+    yield sink
+    logs.configure()
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from pathlib import Path
 import anyio
 import httpx
 
+from asyncrunner.llm.probe import PROBE_TEXT
+
 CUES = ("boyfriend", "husband", "wife", "partner", "domestic", "abuse", "restraining order")
 
 
@@ -37,7 +39,12 @@ class FakeLLM:
     """`fail(text) -> status | (status, message) | None` decides per narrative text; `hang`
     blocks every
     request until cancelled, `hang_from` every request from that number on; `after(n, hook)`
-    calls `hook` when the n-th request arrives."""
+    calls `hook` when the n-th request arrives.
+
+    The session's response-format probe (one request before the narratives, its user turn
+    holding probe.PROBE_TEXT) is counted in `probes`, not in `requests`, and answered like
+    any other request (the `fail` rule sees its text too); `requests`, the hooks and
+    `bodies` are the narratives' requests, `probe_bodies` the probe's."""
 
     def __init__(self, *, fail: Callable[[str], int | tuple[int, str] | None] | None = None,
                  hang: bool = False, hang_from: int | None = None,
@@ -47,6 +54,8 @@ class FakeLLM:
         self.hang_from = hang_from
         self.delay_s = delay_s
         self.requests = 0
+        self.probes = 0
+        self.probe_bodies: list[dict[str, object]] = []
         self.bodies: list[dict[str, object]] = []
         self.temperatures: Counter[float] = Counter()
         self.by_status: Counter[int] = Counter()
@@ -60,13 +69,17 @@ class FakeLLM:
         return httpx.MockTransport(self.handle)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
-        self.requests += 1
-        hook = self._hooks.pop(self.requests, None)
-        if hook is not None:
-            hook()
         body = json.loads(request.content)
-        self.bodies.append(body)
         text = body["messages"][-1]["content"]
+        if PROBE_TEXT in text:
+            self.probes += 1
+            self.probe_bodies.append(body)
+        else:
+            self.requests += 1
+            hook = self._hooks.pop(self.requests, None)
+            if hook is not None:
+                hook()
+            self.bodies.append(body)
         self.temperatures[body.get("temperature")] += 1
         if self.hang or (self.hang_from is not None and self.requests >= self.hang_from):
             await anyio.sleep_forever()

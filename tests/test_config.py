@@ -52,6 +52,13 @@ def test_precedence_flag_over_env_over_yaml(tmp_path: Path, data_file: Path) -> 
         ({"model": {"provider": "smoke-signals"}}, "model.provider"),
         ({"data": {"narratives": {"LE": ["a"]}}}, "data.narratives.LE"),
         ({"data": {"flags": {"XX": "F"}}}, "data.flags.XX"),
+        ({"model": {"response_format": "json"}}, "model.response_format"),
+        ({"model": {"max_response_bytes": 100}}, "model.max_response_bytes"),
+        ({"prompt": {"system_role": "developer"}}, "prompt.system_role"),
+        ({"run": {"parse_retry": "twice"}}, "run.parse_retry"),
+        ({"run": {"max_error_share": 1.5}}, "run.max_error_share"),
+        ({"run": {"max_error_share": -0.1}}, "run.max_error_share"),
+        ({"run": {"breaker_window": 0}}, "run.breaker_window"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, data_file: Path, data: dict, key: str) -> None:
@@ -81,3 +88,41 @@ def test_stored_config_round_trips_and_holds_no_key() -> None:
                                                               "data", "run")}})
     assert "SENTINEL" not in str(cfg.to_dict())
     assert cfg.to_dict()["model"]["api_key_env"] == "OPENAI_API_KEY"
+
+
+def test_issue_15_keys_defaults_and_accepted_values() -> None:
+    cfg = build_config({}, env={})
+    assert (cfg.model.response_format, cfg.prompt.system_role, cfg.run.parse_retry) == (
+        "auto", "system", "repair")
+    assert (cfg.run.max_error_share, cfg.run.breaker_window) == (0.2, 50)
+    assert cfg.model.max_response_bytes == 8 * 1024 * 1024
+    for mode in ("auto", "json_schema", "json_object", "none"):
+        assert build_config({"model": {"response_format": mode}}, env={}).model.response_format \
+            == mode
+    # empty, as older configs and stored experiments have it, means no response_format
+    assert build_config({"model": {"response_format": None}}, env={}).model.response_format \
+        == "none"
+    assert build_config({}, env={"ASYNCRUNNER_MODEL_RESPONSE_FORMAT": ""}
+                        ).model.response_format == "none"
+    assert config_from_dict({"model": {"response_format": None}}).model.response_format == "none"
+    cfg = build_config({"prompt": {"system_role": "user"}, "run": {"parse_retry": "off",
+                        "max_error_share": 1, "breaker_window": 1}}, env={})
+    assert (cfg.prompt.system_role, cfg.run.parse_retry, cfg.run.max_error_share) == (
+        "user", "off", 1.0)
+
+
+def test_the_probes_record_in_a_stored_config_is_not_a_setting() -> None:
+    stored = build_config({}, env={}).to_dict()
+    stored["model"]["response_format_used"] = "json_object"
+    assert config_from_dict(stored).model.response_format == "auto"
+    with pytest.raises(ConfigError, match="response_format_used"):
+        build_config(stored, env={})
+
+
+def test_issue_15_keys_are_answer_or_session_keys() -> None:
+    from asyncrunner.settings import Kind, kind
+
+    for key in ("model.response_format", "prompt.system_role", "run.parse_retry"):
+        assert kind(key) is Kind.ANSWER
+    for key in ("run.max_error_share", "run.breaker_window", "model.max_response_bytes"):
+        assert kind(key) is Kind.SESSION

@@ -58,7 +58,7 @@ def test_the_experiment_row_and_the_report_say_what_produced_the_answers(
     for expected in (f"<td>asyncrunner version</td><td>{__version__}</td>",
                      f"<td>Parser version</td><td>{PARSER_VERSION}</td>",
                      "<td>Seed</td><td>1024</td>", "<td>max_tokens</td><td>300</td>",
-                     "<td>Response format</td><td>json_object</td>",
+                     "<td>Response format</td><td>json_object (setting json_object)</td>",
                      "<td>Extra request fields</td><td>{&quot;top_p&quot;: 0.8}</td>",
                      "<td>Prompt version</td><td>p7</td>",
                      "<pre>Classify &lt;carefully&gt; &amp; answer in JSON.</pre>",

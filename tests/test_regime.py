@@ -33,7 +33,8 @@ from asyncrunner.vocab import ErrorCategory, Status
 
 N_CASES = 20
 TOTAL = 2 * N_CASES
-STORED_MODEL = {"max_tokens": 256, "extra_body": {"top_p": 0.9}}
+# response_format none: the stored regime sends no response_format field at all
+STORED_MODEL = {"max_tokens": 256, "response_format": "none", "extra_body": {"top_p": 0.9}}
 DRIFTED_MODEL = {"max_tokens": 1024, "response_format": "json_object",
                  "extra_body": {"top_p": 0.5}}
 
@@ -111,7 +112,7 @@ def test_resume_keeps_answer_settings_warns_and_records_the_session(
     assert not any("response_format" in b for b in fake.bodies)
     shown = console.getvalue()
     for key, stored, given in (("model.max_tokens", "256", "1024"),
-                               ("model.response_format", "null", "'json_object'"),
+                               ("model.response_format", "'none'", "'json_object'"),
                                ("model.extra_body.top_p", "0.9", "0.5")):
         assert (f"config drift: {key} is {given} in the YAML, the experiment ran with "
                 f"{stored}; using the stored value (to change it: --allow-drift {key})"
@@ -157,7 +158,7 @@ def test_allow_drift_changes_one_key_and_records_it(
     stored = json.loads(str(experiment_row(db, experiment_id)["config_json"]))
     assert stored["model"]["max_tokens"] == 1024
     assert stored["model"]["extra_body"] == {"top_p": 0.5}
-    assert stored["model"]["response_format"] is None
+    assert stored["model"]["response_format"] == "none"
     assert stored["model"]["api_url"] == "http://llm.invalid/v1/chat/completions"
     assert [(k, json.loads(o), json.loads(n)) for k, o, n, _ in history(
         db, experiment_id)] == [("model.extra_body.top_p", 0.9, 0.5),

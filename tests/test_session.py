@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from conftest import write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row, result_keys
 from test_runner import cases
 
-from asyncrunner import logs
 from asyncrunner.db import experiments
 from asyncrunner.db.locks import lock_path
 from asyncrunner.db.schema import connect
@@ -34,14 +32,6 @@ from asyncrunner.vocab import Status
 
 N_CASES = 20
 TOTAL = 2 * N_CASES
-
-
-@pytest.fixture
-def console() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    logs.configure(console=sink)
-    yield sink
-    logs.configure()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pipeline_helpers import incident, make_narrative
 from structlog.testing import capture_logs
 
 from asyncrunner.llm.client import ClientSettings, Completion, LLMClient, RequestFailure
+from asyncrunner.llm.parsing import resample_seed
 from asyncrunner.llm.throttle import AdaptiveLimiter
 from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.pipeline.workers import Prompt, classify, to_result, worker
@@ -62,13 +63,14 @@ def always(response: httpx.Response | Exception) -> tuple[Handler, list[httpx.Re
     return handler, seen
 
 
-async def classify_one(handler: Handler, narrative: Narrative | None = None,
+async def classify_one(handler: Handler, narrative: Narrative | None = None, *,
+                       prompt: Prompt = PROMPT,
                        ) -> tuple[Result, list[MutableMapping[str, Any]]]:
     """classify() one narrative; also return the structlog events it emitted."""
     async with llm_client(handler) as client:
         # merge_contextvars as in logs.configure: classify binds the narrative's key there
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
-            result = await classify(client, PROMPT, narrative or make_narrative(3, text=SECRET))
+            result = await classify(client, prompt, narrative or make_narrative(3, text=SECRET))
     return result, events
 
 
@@ -105,6 +107,52 @@ async def test_an_answer_becomes_a_result_with_the_parsed_fields() -> None:
     assert events == []                      # a success logs nothing per narrative
 
 
+def answers(*responses: httpx.Response) -> tuple[Handler, list[httpx.Request]]:
+    """A handler giving these answers in turn, and its log."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return responses[len(seen) - 1]
+    return handler, seen
+
+
+async def test_a_repair_turn_recovers_an_invalid_answer_and_totals_add_up() -> None:
+    bad = answer_response("Sure! The narrative mentions a threat.")
+    handler, seen = answers(bad, answer_response())
+    result, events = await classify_one(handler)
+    assert len(seen) == 2
+    first, second = (json.loads(r.content) for r in seen)
+    assert second["messages"][:2] == first["messages"]
+    assert second["messages"][2] == {"role": "assistant",
+                                     "content": "Sure! The narrative mentions a threat."}
+    assert second["messages"][3]["role"] == "user"
+    assert "no JSON object" in second["messages"][3]["content"]
+    assert SECRET not in second["messages"][3]["content"]
+    assert (result.error_category, result.detected, result.answer_source) == (None, 1, "repair")
+    assert (result.prompt_tokens_total, result.completion_tokens_total) == (22, 14)
+    assert (result.prompt_tokens, result.completion_tokens, result.attempt_count) == (11, 7, 2)
+    assert events == []
+
+
+async def test_a_resample_sends_the_same_prompt_with_another_seed() -> None:
+    handler, seen = answers(answer_response('{"detected": "maybe"}'), answer_response())
+    prompt = dataclasses.replace(PROMPT, parse_retry="resample")
+    result, _ = await classify_one(handler, prompt=prompt)
+    first, second = (json.loads(r.content) for r in seen)
+    assert first["messages"] == second["messages"]
+    assert first.get("seed") != second["seed"] == resample_seed(None, 2)
+    assert (result.answer_source, result.detected) == ("resample", 1)
+
+
+async def test_a_fatal_failure_of_the_repair_request_is_the_result() -> None:
+    refused = httpx.Response(401, json={"error": {"message": "bad key"}})
+    handler, _ = answers(answer_response("no json here"), refused)
+    result, _ = await classify_one(handler)
+    assert (result.error_category, result.attempt_count) == ("api_error", 2)
+    assert result.error_message is not None and "401" in result.error_message
+
+
 async def test_the_prompt_is_rendered_into_the_request() -> None:
     handler, seen = always(answer_response())
     await classify_one(handler)
@@ -117,23 +165,33 @@ async def test_the_prompt_is_rendered_into_the_request() -> None:
     assert Prompt("s", "no placeholder").render("x") == "no placeholder"
 
 
-@pytest.mark.parametrize(("content", "finish_reason"), [
-    ("I believe this narrative describes abuse.", "stop"),
-    ('{"detected": "maybe"}', "stop"),
-    ('{"detected": true, "confid', "length"),
-    (None, "stop"),
+@pytest.mark.parametrize(("content", "finish_reason", "parse_retry", "requests"), [
+    ("I believe this narrative describes abuse.", "stop", "off", 1),
+    ('{"detected": "maybe"}', "stop", "off", 1),
+    ('{"detected": true, "confid', "length", "off", 1),
+    (None, "stop", "off", 1),
+    ("I believe this narrative describes abuse.", "stop", "repair", 2),
+    ('{"detected": "maybe"}', "stop", "resample", 2),
+    ('{"detected": true, "confid', "length", "repair", 1),   # a repair cannot un-cut
+    ('{"detected": true, "confid', "length", "resample", 2),
+    (None, "stop", "repair", 2),
 ])
 async def test_an_unparseable_answer_is_a_parse_error_row_keeping_the_raw_response(
-        content: str | None, finish_reason: str) -> None:
+        content: str | None, finish_reason: str, parse_retry: str, requests: int) -> None:
     response = answer_response(content, finish_reason=finish_reason)
     handler, seen = always(response)
-    result, events = await classify_one(handler)
-    assert len(seen) == 1                    # a parse error is not retried
+    prompt = dataclasses.replace(PROMPT, parse_retry=parse_retry)
+    result, events = await classify_one(handler, prompt=prompt)
+    assert len(seen) == requests             # at most one second chance, never a third
     assert (result.error_category, result.error_occurred) == ("parse_error", 1)
     assert result.error_message and "\n" not in result.error_message
     assert result.raw_response == response.text
     assert (result.detected, result.confidence, result.indicators) == (None, None, None)
-    assert (result.prompt_tokens, result.completion_tokens) == (11, 7)
+    assert (result.prompt_tokens, result.completion_tokens) == (11, 7)   # the last request's
+    assert (result.prompt_tokens_total, result.completion_tokens_total) == (
+        11 * requests, 7 * requests)
+    assert result.attempt_count == requests and result.answer_source is None
+    assert result.finish_reason == finish_reason
     assert [e["event"] for e in events] == ["narrative_error"]
     assert events[0]["category"] == "parse_error" and events[0]["incident_id"] == incident(3)
     assert_no_text(result, events)

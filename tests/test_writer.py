@@ -436,3 +436,41 @@ async def test_a_writer_cancelled_while_opening_the_database_still_closes_its_st
             tg.cancel_scope.cancel()
         with pytest.raises(anyio.BrokenResourceError):
             send.send_nowait(make_result(1))
+
+
+async def test_issue_15_columns_are_written_and_a_retry_adds_to_the_token_totals(
+        db: Path) -> None:
+    first = replace(make_result(1, error_category="parse_error", error_message="no JSON"),
+                    prompt_tokens=30, completion_tokens=9, prompt_tokens_total=50,
+                    completion_tokens_total=20, finish_reason="stop")
+    await write_all(db, [first, replace(make_result(2, detected=1), answer_source="repair",
+                                        finish_reason="stop", prompt_tokens_total=7,
+                                        completion_tokens_total=3)])
+    rows = {row["incident_id"]: row for row in stored_results(db)}
+    assert (rows[incident(1)]["prompt_tokens_total"],
+            rows[incident(1)]["completion_tokens_total"]) == (50, 20)
+    assert (rows[incident(1)]["finish_reason"], rows[incident(1)]["answer_source"]) == (
+        "stop", None)
+    assert (rows[incident(2)]["answer_source"], rows[incident(2)]["prompt_tokens_total"]) == (
+        "repair", 7)
+    later = "2025-02-02T00:00:00.000000Z"
+    retried = replace(retry_result(1, later, detected=1), prompt_tokens=31,
+                      completion_tokens=8, prompt_tokens_total=31, completion_tokens_total=8,
+                      finish_reason="stop", answer_source="first")
+    await write_all(db, [retried], retry_errors_only=True)
+    row = {r["incident_id"]: r for r in stored_results(db)}[incident(1)]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (31, 8)   # the last request's
+    assert (row["prompt_tokens_total"], row["completion_tokens_total"]) == (81, 28)   # all
+    assert row["answer_source"] == "first" and row["error_occurred"] == 0
+
+
+async def test_a_row_from_before_the_totals_counts_its_own_tokens_on_retry(db: Path) -> None:
+    old = replace(make_result(1, error_category="timeout", error_message="x"),
+                  prompt_tokens=12, completion_tokens=4)
+    await write_all(db, [old])
+    later = "2025-02-02T00:00:00.000000Z"
+    await write_all(db, [replace(retry_result(1, later, detected=0), prompt_tokens=10,
+                                 completion_tokens=5, prompt_tokens_total=10,
+                                 completion_tokens_total=5)], retry_errors_only=True)
+    [row] = stored_results(db)
+    assert (row["prompt_tokens_total"], row["completion_tokens_total"]) == (22, 9)

@@ -18,7 +18,7 @@ from typing import Any
 
 from asyncrunner import __version__, refusals
 from asyncrunner.clock import local_now, utc_now
-from asyncrunner.config import Config
+from asyncrunner.config import RESPONSE_FORMAT_USED, Config
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.store import ExperimentRecord, count_results, get_experiment
 from asyncrunner.llm.parsing import PARSER_VERSION
@@ -189,6 +189,21 @@ def record_config(conn: sqlite3.Connection, experiment_id: str, session_id: str,
         "new_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(experiment_id, session_id, now, c.key, json.dumps(c.old, default=str),
           json.dumps(c.new, default=str), c.reason) for c in changes])
+
+
+def record_response_format(conn: sqlite3.Connection, experiment_id: str, mode: str) -> None:
+    """The structured-output mode the probe chose: in its column and in config_json (as
+    `model.response_format_used`, beside the setting it was chosen for)."""
+    row = conn.execute("SELECT config_json FROM experiments WHERE experiment_id = ?",
+                       (experiment_id,)).fetchone()
+    config = json.loads(row[0]) if row is not None and row[0] else None
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        config["model"][RESPONSE_FORMAT_USED] = mode
+    with conn:
+        conn.execute("UPDATE experiments SET response_format_used = ?, "
+                     "config_json = COALESCE(?, config_json) WHERE experiment_id = ?",
+                     (mode, json.dumps(config) if isinstance(config, dict) else None,
+                      experiment_id))
 
 
 def record_checksum(conn: sqlite3.Connection, experiment_id: str, session_id: str,

@@ -12,7 +12,9 @@ Databases written by the earlier R version have the three contract tables but
 duplicate results, which the unique index cannot admit: the newest of each set is kept).
 Version 5 rebuilds R's source_narratives without its UNIQUE(incident_id, narrative_type);
 version 6 adds what issue #10 records (sessions, config and metrics history, dropped rows,
-content digests, provenance) and backfills R's progress counters. Before migrating a
+content digests, provenance) and backfills R's progress counters; version 7 (issue #15) the
+probe's response format, each answer's finish reason, source and token totals over its
+attempts, and rewrites stored indicators as JSON arrays. Before migrating a
 database that holds data, the writable opens take a backup (`backup_before_migrating`).
 
 Four ways in: `connect` (create if missing, migrate: `run`), `connect_existing` (an
@@ -93,6 +95,8 @@ EXPERIMENT_COLUMNS: dict[str, str] = {
     "parser_version": "TEXT",
     "python_version": "TEXT",
     "platform": "TEXT",
+    # version 7: the structured-output mode the probe chose (issue #15)
+    "response_format_used": "TEXT",
 }
 
 RESULT_COLUMNS: dict[str, str] = {
@@ -117,6 +121,11 @@ RESULT_COLUMNS: dict[str, str] = {
     "processed_at": "TEXT",
     "manual_flag_ind": "INTEGER",
     "manual_flag": "INTEGER",
+    # version 7: how the answer was obtained, and what all its attempts cost (issue #15)
+    "finish_reason": "TEXT",
+    "answer_source": "TEXT",
+    "prompt_tokens_total": "INTEGER",
+    "completion_tokens_total": "INTEGER",
 }
 
 INGEST_COLUMNS: dict[str, str] = {
@@ -592,6 +601,43 @@ def _m6_sessions_drops_provenance(conn: sqlite3.Connection) -> None:
     conn.execute(_M6_BACKFILL_COUNTERS)
 
 
+# Version 7 (issue #15): the probe's chosen response format per experiment; per result the
+# finish reason, where the answer came from (first | repair | resample) and the tokens over
+# all its attempts (the existing prompt_tokens/completion_tokens are the final attempt's,
+# so the totals start equal to them). Stored indicators become JSON arrays of strings
+# (older versions stored object-shaped indicators as Python reprs).
+_M7_COLUMNS = (
+    ("experiments", "response_format_used", "TEXT"),
+    ("narrative_results", "finish_reason", "TEXT"),
+    ("narrative_results", "answer_source", "TEXT"),
+    ("narrative_results", "prompt_tokens_total", "INTEGER"),
+    ("narrative_results", "completion_tokens_total", "INTEGER"),
+)
+_M7_BACKFILL_TOTALS = """
+UPDATE narrative_results SET prompt_tokens_total = prompt_tokens,
+    completion_tokens_total = completion_tokens
+WHERE prompt_tokens_total IS NULL AND completion_tokens_total IS NULL
+"""
+_M7_NORMALIZE_INDICATORS = """
+UPDATE narrative_results SET indicators = norm_ind(indicators)
+WHERE indicators IS NOT NULL AND indicators IS NOT norm_ind(indicators)
+"""
+
+
+def _m7_answer_provenance(conn: sqlite3.Connection) -> None:
+    from asyncrunner.llm.parsing import normalize_stored_indicators
+
+    have: dict[str, set[str]] = {}
+    for table, column, decl in _M7_COLUMNS:
+        if table not in have:
+            have[table] = _existing_columns(conn, table)
+        if column not in have[table]:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.execute(_M7_BACKFILL_TOTALS)
+    conn.create_function("norm_ind", 1, normalize_stored_indicators, deterministic=True)
+    conn.execute(_M7_NORMALIZE_INDICATORS)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_create_tables,
     _m2_add_missing_columns,
@@ -599,6 +645,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m4_lookup_indexes,
     _m5_rebuild_r_era_source,
     _m6_sessions_drops_provenance,
+    _m7_answer_provenance,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -102,13 +102,28 @@ def errors_by_category(conn: sqlite3.Connection, experiment_id: str) -> dict[str
 
 
 def token_totals(conn: sqlite3.Connection, experiment_id: str) -> tuple[int, int, float]:
-    """(prompt tokens, completion tokens, summed response seconds)."""
+    """(prompt tokens, completion tokens, summed response seconds), tokens over every
+    request a narrative took (parse retries included)."""
     row = conn.execute(
-        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+        "SELECT COALESCE(SUM(COALESCE(prompt_tokens_total, prompt_tokens)), 0), "
+        "COALESCE(SUM(COALESCE(completion_tokens_total, completion_tokens)), 0), "
         "COALESCE(SUM(response_sec), 0) FROM narrative_results WHERE experiment_id = ?",
         (experiment_id,),
     ).fetchone()
     return int(row[0]), int(row[1]), float(row[2])
+
+
+def answer_stats(conn: sqlite3.Connection, experiment_id: str) -> dict[str, int]:
+    """Answers (rows without an error), how many a repair turn or a resample produced, and
+    how many answers were cut off at max_tokens (finish_reason 'length')."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(error_occurred = 0), 0), "
+        "COALESCE(SUM(answer_source = 'repair'), 0), "
+        "COALESCE(SUM(answer_source = 'resample'), 0), "
+        "COALESCE(SUM(finish_reason = 'length'), 0) "
+        "FROM narrative_results WHERE experiment_id = ?", (experiment_id,)).fetchone()
+    return {"answers": int(row[0]), "repair": int(row[1]), "resample": int(row[2]),
+            "cut_off": int(row[3])}
 
 
 def list_experiments(conn: sqlite3.Connection) -> list[sqlite3.Row]:

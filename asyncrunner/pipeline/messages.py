@@ -46,6 +46,15 @@ class Result:
     rationale: str | None = None
     error_category: ErrorCategory | None = None
     error_message: str | None = None
+    finish_reason: str | None = None
+    answer_source: str | None = None   # first | repair | resample (None: no answer at all)
+    # over every request this narrative took (parse retries included); prompt_tokens and
+    # completion_tokens are the final request's
+    prompt_tokens_total: int | None = None
+    completion_tokens_total: int | None = None
+    # A failure no other request can escape either (401/403/404, a refused request field):
+    # the one line describing it. Such a result is never stored; it stops the run.
+    fatal: str | None = None
 
     @property
     def error_occurred(self) -> int:

@@ -10,14 +10,23 @@ is free to start it: on a stop nothing sits in a queue, only requests in flight.
 2. a second signal: cancel the workers now.
 
 Either way the writer sees its stream close when the last worker leaves and commits what it
-holds (shielded), so every result that reached it is durable. Cancelled requests produce
-no row and are simply redone on resume.
+holds (shielded), so every result that reached it is durable (a worker waiting to hand a
+finished result to a full writer stream finishes handing it over, shielded, first).
+Cancelled requests produce no row and are simply redone on resume.
+
+The endpoint can stop a run as well (`StopControl.halt`, like a second signal: producer
+and requests in flight cancelled at once), seen by the workers' gate as results come in:
+  * a fatal failure (401/403/404, a refused request field: `Result.fatal`); its result is
+    not stored, the narrative stays remaining;
+  * the circuit breaker: the last `breaker_window` results were all errors.
+`PipelineOutcome.halted` says why, in one line.
 """
 
 from __future__ import annotations
 
 import gc
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,12 +61,42 @@ class PipelineSpec:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     handle_signals: bool = True
+    breaker_window: int | None = 50     # None: no breaker
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineOutcome:
     stopped_by: int | None          # signal number, or None when the work ran out
     last: Snapshot | None
+    halted: str | None = None       # why the endpoint stopped the run (one line), if it did
+    halt_kind: str | None = None    # HALT_FATAL | HALT_BREAKER
+
+
+HALT_FATAL = "fatal"
+HALT_BREAKER = "breaker"
+
+
+class Breaker:
+    """Trips when the last `window` results were all errors."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._streak: Counter[str] = Counter()
+        self._length = 0
+
+    def add(self, result: Result) -> str | None:
+        """The reason it trips on this result, or None."""
+        if result.error_category is None:
+            self._streak.clear()
+            self._length = 0
+            return None
+        self._streak[str(result.error_category)] += 1
+        self._length += 1
+        if self._length < self.window:
+            return None
+        counts = ", ".join(f"{k} {v}" for k, v in self._streak.most_common())
+        return (f"circuit breaker: the last {self._length} results were all errors "
+                f"({counts}); check the endpoint and the model settings")
 
 
 class StopControl:
@@ -70,6 +109,17 @@ class StopControl:
         self.work_scope: anyio.CancelScope | None = None
         self.watch_scope = anyio.CancelScope()
         self.grace_scope = anyio.CancelScope()
+        self.halted: str | None = None
+        self.halt_kind: str | None = None
+
+    def halt(self, kind: str, reason: str) -> None:
+        """The endpoint cannot serve: stop now, as a second signal would."""
+        if self.halted is None:
+            self.halted, self.halt_kind = reason, kind
+            log.error("halt", kind=kind, message=f"stopping now: {reason}")
+        self.producer_scope.cancel()
+        if self.work_scope is not None:
+            self.work_scope.cancel()
 
     def request(self, signum: int) -> None:
         if self.signum is None:
@@ -112,6 +162,20 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
     budget = (TokenBudget(spec.tokens_per_minute, spec.client.max_tokens)
               if spec.tokens_per_minute else None)
     client = LLMClient(spec.client, http, limiter, budget=budget)
+    breaker = Breaker(spec.breaker_window) if spec.breaker_window else None
+
+    def gate(result: Result) -> bool:
+        """Whether a worker sends this result on to the writer; halts the run on a fatal one
+        (dropped) or when the breaker trips. Checked in the worker, before it can start
+        another request."""
+        if result.fatal is not None:
+            stop.halt(HALT_FATAL, result.fatal)
+            return False
+        reason = breaker.add(result) if breaker is not None else None
+        if reason is not None:
+            stop.halt(HALT_BREAKER, reason)
+        return True
+
     writer = ResultWriter(spec.db_path, spec.writer, on_commit=on_commit,
                           concurrency=lambda: limiter.stats().limit)
     narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)
@@ -128,9 +192,10 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                 async with narratives_recv, results_send:
                     for _ in range(spec.workers):
                         work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
-                                        results_send.clone())
+                                        results_send.clone(), gate)
             stop.finished()
-    return PipelineOutcome(stopped_by=stop.signum, last=writer.last)
+    return PipelineOutcome(stopped_by=stop.signum, last=writer.last, halted=stop.halted,
+                           halt_kind=stop.halt_kind)
 
 
 # Allocations (net of frees) between two young-generation collections during a run.

@@ -2,32 +2,54 @@
 
 A worker holds no database connection and handles no signals. A narrative whose call is
 cancelled (shutdown) produces no result at all, so it stays "remaining" and is redone on
-resume; every other outcome, success or failure, produces exactly one `Result`.
+resume; every other outcome, success or failure, produces exactly one `Result` (a fatal
+failure's is marked `fatal` and never stored: see runner.py).
+
+An answer that does not parse gets one second chance (`run.parse_retry`): `repair` sends
+the invalid answer back with a repair instruction (not for an answer cut off at max_tokens,
+which a repair cannot recover), `resample` sends the same request with another seed
+(parsing.resample_seed), `off` none. The row records which answer it holds
+(`answer_source` first | repair | resample), the final request's finish_reason and tokens,
+and the tokens over every request (`prompt_tokens_total`, `completion_tokens_total`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import structlog
-from anyio import EndOfStream, WouldBlock
+from anyio import CancelScope, EndOfStream, WouldBlock
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncrunner.config import TEXT_PLACEHOLDER
-from asyncrunner.llm.client import Completion, LLMClient, RequestFailure
-from asyncrunner.llm.parsing import AnswerParseError, parse_answer
+from asyncrunner.llm.client import Completion, LLMClient, RequestFailure, describe_fatal
+from asyncrunner.llm.parsing import (
+    Answer,
+    AnswerParseError,
+    indicators_json,
+    parse_answer,
+    repair_messages,
+    resample_seed,
+)
 from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.vocab import ErrorCategory
 
 log = structlog.get_logger("asyncrunner.pipeline.workers")
+
+# Result.answer_source
+FIRST = "first"
+REPAIR = "repair"
+RESAMPLE = "resample"
+PARSE_RETRY_OFF = "off"
 
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
     system_prompt: str
     user_template: str
+    parse_retry: str = "repair"      # run.parse_retry: repair | resample | off
 
     def render(self, text: str) -> str:
         return self.user_template.replace(TEXT_PLACEHOLDER, text)
@@ -53,30 +75,44 @@ class _UtcStamps:
 _stamp = _UtcStamps()
 
 
-def to_result(n: Narrative, outcome: Completion | RequestFailure) -> Result:
-    """Turn a client outcome into the one row this narrative gets."""
-    if isinstance(outcome, RequestFailure):
-        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                      n.manual_flag, _stamp(), outcome.attempts,
-                      response_sec=outcome.response_sec, raw_response=outcome.raw,
-                      error_category=outcome.category, error_message=outcome.message)
+def _parsed(outcome: Completion, max_tokens: int | None) -> Answer | AnswerParseError:
     try:
-        answer = parse_answer(outcome.content, outcome.finish_reason)
+        return parse_answer(outcome.content, outcome.finish_reason, max_tokens)
     except AnswerParseError as exc:
-        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                      n.manual_flag, _stamp(), outcome.attempts,
-                      response_sec=outcome.response_sec, raw_response=outcome.raw,
-                      prompt_tokens=outcome.prompt_tokens,
-                      completion_tokens=outcome.completion_tokens,
-                      error_category=ErrorCategory.PARSE_ERROR, error_message=str(exc))
-    return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                  n.manual_flag, _stamp(), outcome.attempts,
-                  response_sec=outcome.response_sec, raw_response=outcome.raw,
-                  prompt_tokens=outcome.prompt_tokens,
-                  completion_tokens=outcome.completion_tokens,
-                  detected=int(answer.detected), confidence=answer.confidence,
-                  indicators=json.dumps(answer.indicators) if answer.indicators else "[]",
-                  rationale=answer.rationale)
+        return exc
+
+
+def _total(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def to_result(n: Narrative, outcome: Completion | RequestFailure, *,
+              max_tokens: int | None = None, source: str = FIRST,
+              earlier: tuple[Completion | RequestFailure, ...] = ()) -> Result:
+    """Turn a client outcome into the one row this narrative gets. `earlier`: the requests
+    this narrative took before `outcome` (a parse retry's first answer); their attempts and
+    tokens count in the row's totals."""
+    completions = [o for o in (*earlier, outcome) if isinstance(o, Completion)]
+    attempts = sum(o.attempts for o in earlier) + outcome.attempts
+    base = Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
+                  n.manual_flag, _stamp(), attempts,
+                  response_sec=outcome.response_sec + sum(o.response_sec for o in earlier),
+                  raw_response=outcome.raw,
+                  prompt_tokens_total=_total([c.prompt_tokens for c in completions]),
+                  completion_tokens_total=_total([c.completion_tokens for c in completions]))
+    if isinstance(outcome, RequestFailure):
+        return replace(base, error_category=outcome.category, error_message=outcome.message,
+                       fatal=describe_fatal(outcome) if outcome.fatal else None)
+    base = replace(base, prompt_tokens=outcome.prompt_tokens,
+                   completion_tokens=outcome.completion_tokens,
+                   finish_reason=outcome.finish_reason)
+    answer = _parsed(outcome, max_tokens)
+    if isinstance(answer, AnswerParseError):
+        return replace(base, error_category=ErrorCategory.PARSE_ERROR, error_message=str(answer))
+    return replace(base, detected=int(answer.detected), confidence=answer.confidence,
+                   indicators=indicators_json(answer.indicators), rationale=answer.rationale,
+                   answer_source=source)
 
 
 async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
@@ -91,8 +127,30 @@ async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
 
 
 async def _classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
-    outcome = await client.complete(prompt.system_prompt, prompt.render(n.text))
-    result = to_result(n, outcome)
+    """The request, and for an answer that does not parse one second chance
+    (`prompt.parse_retry`): a repair turn (not for a cut-off answer: a repair cannot
+    recover one), or the same request with another seed."""
+    system_prompt, user_prompt = prompt.system_prompt, prompt.render(n.text)
+    max_tokens = client.settings.max_tokens
+    outcome = await client.complete(system_prompt, user_prompt)
+    result = to_result(n, outcome, max_tokens=max_tokens)
+    if (result.error_category is ErrorCategory.PARSE_ERROR and isinstance(outcome, Completion)
+            and prompt.parse_retry != PARSE_RETRY_OFF):
+        error = _parsed(outcome, max_tokens)
+        assert isinstance(error, AnswerParseError)
+        second: Completion | RequestFailure | None = None
+        if prompt.parse_retry == REPAIR and not error.truncated:
+            second = await client.complete(system_prompt, user_prompt,
+                                           followup=repair_messages(outcome.content, str(error)))
+        elif prompt.parse_retry == RESAMPLE:
+            second = await client.complete(system_prompt, user_prompt,
+                                           seed=resample_seed(client.settings.seed, 2))
+        if isinstance(second, Completion) or (isinstance(second, RequestFailure)
+                                              and second.fatal):
+            result = to_result(n, second, max_tokens=max_tokens, source=prompt.parse_retry,
+                               earlier=(outcome,))
+        elif second is not None:      # the retry request failed: the first answer's error
+            result = replace(result, attempt_count=result.attempt_count + second.attempts)
     if result.error_category is not None:
         status = outcome.status if isinstance(outcome, RequestFailure) else None
         # info, not warning: an errored narrative is recorded and counted on the progress
@@ -104,7 +162,8 @@ async def _classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
 
 async def worker(client: LLMClient, prompt: Prompt,
                  narratives: MemoryObjectReceiveStream[Narrative],
-                 results: MemoryObjectSendStream[Result]) -> None:
+                 results: MemoryObjectSendStream[Result],
+                 gate: Callable[[Result], bool] | None = None) -> None:
     """Run until the producer closes its end of the narrative stream.
 
     A worker is a task of its own, so its context variables are its own: the narrative's
@@ -112,6 +171,9 @@ async def worker(client: LLMClient, prompt: Prompt,
     Streams are used without a trip round the event loop where none is needed: a result
     goes into the writer's buffer at once while it has room, and the next narrative is
     taken at once when the producer is already offering one.
+
+    `gate(result)` (the runner's fail-fast and circuit breaker) sees every result before it
+    is sent; False: the result is dropped (a fatal failure: the narrative stays remaining).
     """
     bind = structlog.contextvars.bind_contextvars
     async with narratives, results:
@@ -127,7 +189,12 @@ async def worker(client: LLMClient, prompt: Prompt,
                 return
             bind(incident_id=narrative.incident_id, narrative_type=narrative.narrative_type)
             result = await _classify(client, prompt, narrative)
+            if gate is not None and not gate(result):
+                continue
             try:
                 results.send_nowait(result)
             except WouldBlock:
-                await results.send(result)
+                # A finished result is never lost to a stop: the writer reads until every
+                # worker has left (or its stream breaks, which ends the wait too).
+                with CancelScope(shield=True):
+                    await results.send(result)

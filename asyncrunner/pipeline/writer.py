@@ -40,12 +40,14 @@ INSERT OR IGNORE INTO narrative_results (
     experiment_id, incident_id, narrative_type, detected, confidence, indicators, rationale,
     raw_response, response_sec, prompt_tokens, completion_tokens, error_occurred,
     error_message, error_category, attempt_count, first_error_message, last_attempt_at,
-    processed_at, manual_flag_ind, manual_flag
+    processed_at, manual_flag_ind, manual_flag, finish_reason, answer_source,
+    prompt_tokens_total, completion_tokens_total
 ) VALUES (
     :experiment_id, :incident_id, :narrative_type, :detected, :confidence, :indicators,
     :rationale, :raw_response, :response_sec, :prompt_tokens, :completion_tokens,
     :error_occurred, :error_message, :error_category, :attempt_count, :error_message,
-    :processed_at, :processed_at, :manual_flag_ind, :manual_flag
+    :processed_at, :processed_at, :manual_flag_ind, :manual_flag, :finish_reason,
+    :answer_source, :prompt_tokens_total, :completion_tokens_total
 )
 """
 
@@ -56,6 +58,11 @@ UPDATE narrative_results SET
     detected = :detected, confidence = :confidence, indicators = :indicators,
     rationale = :rationale, raw_response = :raw_response, response_sec = :response_sec,
     prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,
+    finish_reason = :finish_reason, answer_source = :answer_source,
+    prompt_tokens_total = COALESCE(prompt_tokens_total, prompt_tokens, 0)
+        + COALESCE(:prompt_tokens_total, 0),
+    completion_tokens_total = COALESCE(completion_tokens_total, completion_tokens, 0)
+        + COALESCE(:completion_tokens_total, 0),
     first_error_message = COALESCE(first_error_message, error_message),
     error_occurred = :error_occurred, error_message = :error_message,
     error_category = :error_category,
@@ -80,6 +87,13 @@ class WriterSettings:
     batch_size: int = 100
     interval_s: float = 2.0
     retry_errors_only: bool = False
+    max_tokens: int | None = None   # for the truncation warning
+
+
+# The truncation warning: once, after this many answers, when more than this share was cut
+# off at max_tokens.
+TRUNCATION_SAMPLE = 100
+TRUNCATION_SHARE = 0.05
 
 
 def _row(experiment_id: str, r: Result) -> dict[str, object]:
@@ -92,7 +106,9 @@ def _row(experiment_id: str, r: Result) -> dict[str, object]:
         "error_occurred": r.error_occurred, "error_message": r.error_message,
         "error_category": r.error_category, "attempt_count": r.attempt_count,
         "processed_at": r.processed_at, "manual_flag_ind": r.manual_flag_ind,
-        "manual_flag": r.manual_flag,
+        "manual_flag": r.manual_flag, "finish_reason": r.finish_reason,
+        "answer_source": r.answer_source, "prompt_tokens_total": r.prompt_tokens_total,
+        "completion_tokens_total": r.completion_tokens_total,
     }
 
 
@@ -101,6 +117,8 @@ class ResultWriter:
                  on_commit: Callable[[Snapshot], None] | None = None,
                  concurrency: Callable[[], float | None] | None = None) -> None:
         self.db_path = str(db_path)
+        self._answers = 0          # results holding a completion, up to TRUNCATION_SAMPLE
+        self._cut_off = 0
         self.s = settings
         self._on_commit = on_commit
         self._concurrency = concurrency
@@ -134,6 +152,8 @@ class ResultWriter:
                         result = results.receive_nowait()
                     except WouldBlock:
                         result = await results.receive()
+                    if self._answers < TRUNCATION_SAMPLE and result.finish_reason is not None:
+                        self._count_truncation(result)
                     self._pending.append(result)
                     if len(self._pending) >= self.s.batch_size:
                         self._wake.set()
@@ -142,6 +162,18 @@ class ResultWriter:
         finally:
             self._closed = True
             self._wake.set()
+
+    def _count_truncation(self, result: Result) -> None:
+        """Warn once, after the first TRUNCATION_SAMPLE answers, if too many were cut off."""
+        self._answers += 1
+        self._cut_off += result.finish_reason == "length"
+        if (self._answers == TRUNCATION_SAMPLE
+                and self._cut_off > TRUNCATION_SHARE * TRUNCATION_SAMPLE):
+            limit = f"max_tokens={self.s.max_tokens}" if self.s.max_tokens else "max_tokens"
+            log.warning("truncation", cut_off=self._cut_off, answers=self._answers,
+                        message=f"{self._cut_off} of the first {TRUNCATION_SAMPLE} answers "
+                                f"were cut off at {limit}; consider a larger "
+                                "model.max_tokens")
 
     async def _flush_loop(self, db: aiosqlite.Connection) -> None:
         while True:
@@ -179,8 +211,11 @@ class ResultWriter:
         for r in batch:
             if r.error_category:
                 self._errors[r.error_category] += 1
-            self._tokens[0] += r.prompt_tokens or 0
-            self._tokens[1] += r.completion_tokens or 0
+            self._tokens[0] += (r.prompt_tokens_total if r.prompt_tokens_total is not None
+                                else r.prompt_tokens) or 0
+            self._tokens[1] += (r.completion_tokens_total
+                                if r.completion_tokens_total is not None
+                                else r.completion_tokens) or 0
         self.last = Snapshot(
             done=done, total=self.s.total, session_done=session_done,
             errors=dict(self._errors), rate=rate, elapsed_s=self._rate.elapsed(), eta=eta,

@@ -560,6 +560,32 @@ def section_dropped(conn: sqlite3.Connection, record: store.ExperimentRecord) ->
     return _section("dropped", title, *parts)
 
 
+def _used_format(conn: sqlite3.Connection, experiment_id: str) -> str | None:
+    row = conn.execute("SELECT response_format_used FROM experiments WHERE experiment_id = ?",
+                       (experiment_id,)).fetchone()
+    return str(row[0]) if row is not None and row[0] else None
+
+
+def _token_rows(conn: sqlite3.Connection, experiment_id: str,
+                model: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Tokens over every attempt, per successful answer, the cost when prices are set, and
+    the answers that needed a second chance (issue #15)."""
+    prompt, completion, _ = store.token_totals(conn, experiment_id)
+    answers = store.answer_stats(conn, experiment_id)
+    rows: list[tuple[str, Any]] = [
+        ("Tokens (all attempts)", f"prompt {prompt}, completion {completion}"),
+        ("Tokens per successful answer",
+         f"{(prompt + completion) / answers['answers']:.0f}" if answers["answers"] else "-"),
+        ("Answers after a repair / resample", f"{answers['repair']} / {answers['resample']}"),
+        ("Answers cut off at max_tokens", answers["cut_off"]),
+    ]
+    pin, pout = model.get("price_per_1k_input"), model.get("price_per_1k_output")
+    if pin is not None or pout is not None:
+        cost = prompt / 1000 * (pin or 0) + completion / 1000 * (pout or 0)
+        rows.append(("Cost estimate", f"{cost:.4f}"))
+    return rows
+
+
 def section_provenance(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
     """What produced the answers: versions, platform, generation settings and the prompt
     (issue #10); the sessions and every change of the stored configuration."""
@@ -578,7 +604,9 @@ def section_provenance(conn: sqlite3.Connection, record: store.ExperimentRecord)
         ("Python", row[2] if row else None), ("Platform", row[3] if row else None),
         ("Seed", record.run_seed), ("Temperature", record.temperature),
         ("max_tokens", model.get("max_tokens")),
-        ("Response format", model.get("response_format") or "none"),
+        ("Response format", f"{_used_format(conn, record.experiment_id) or '-'} (setting "
+                            f"{model.get('response_format') or 'none'})"),
+        *_token_rows(conn, record.experiment_id, model),
         ("Extra request fields", json.dumps(model.get("extra_body") or {})),
         ("Prompt version", record.prompt_version or prompt.get("version")),
     ]

@@ -142,6 +142,7 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
         return None
     done, n_errors = store.count_results(conn, experiment_id)
     prompt_tokens, completion_tokens, response_s = store.token_totals(conn, experiment_id)
+    answers = store.answer_stats(conn, experiment_id)
     alive, holder_pid = _alive(db_path, experiment_id)
     config = json.loads(row["config_json"]) if row.get("config_json") else {}
     model_cfg = config.get("model", {})
@@ -177,7 +178,13 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
         "lock": {"held": alive, "pid": holder_pid},
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
                    "per_s": round((prompt_tokens + completion_tokens) / response_s, 2)
-                   if response_s else 0.0},
+                   if response_s else 0.0,
+                   "per_answer": round((prompt_tokens + completion_tokens)
+                                       / answers["answers"], 1)
+                   if answers["answers"] else None},
+        "answers": answers,
+        "response_format": {"setting": model_cfg.get("response_format"),
+                            "used": row.get("response_format_used")},
         "cost_estimate": _cost(model_cfg, prompt_tokens, completion_tokens),
         "log_dir": row["log_dir"],
         "dropped": drops.drop_summary(conn, row["data_checksum"]),
@@ -256,8 +263,20 @@ def render_detail(info: dict[str, Any]) -> str:
          f"{info['tokens']['completion']} ({info['tokens']['per_s']:.0f} tokens per second "
          "of request time)"),
     ]
+    if info["tokens"].get("per_answer") is not None:
+        lines.append(f"             {info['tokens']['per_answer']:.0f} tokens per answer "
+                     "(all attempts, errors included, over successful answers)")
     if info["cost_estimate"] is not None:
         lines.append(f"  cost est.  {info['cost_estimate']}")
+    answers = info.get("answers") or {}
+    if answers:
+        lines.append(f"  answers    {answers['answers']}; after a repair turn "
+                     f"{answers['repair']}, after a resample {answers['resample']}; cut off "
+                     f"at max_tokens {answers['cut_off']}")
+    fmt = info.get("response_format") or {}
+    if fmt.get("used") or fmt.get("setting"):
+        lines.append(f"  format     response_format {fmt.get('used') or '-'} (setting "
+                     f"{fmt.get('setting') or 'none'})")
     if info["failure_reason"]:
         lines.append(f"  reason     {info['failure_reason']}")
     dropped = drops.describe(info["dropped"])
