@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import pytest
 from conftest import run_cli, write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row
 
-from asyncrunner import logs
 from asyncrunner.config import DataSection
 from asyncrunner.db.drops import drop_summary
 from asyncrunner.db.ingest import ingest, mapping_json
@@ -49,14 +47,6 @@ LOSSY_ROWS = [
     ("007", "NA", "Examiner notes.", "", "", ""),                         # 10: placeholder
 ]
 LOADED = 7
-
-
-@pytest.fixture
-def console() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    logs.configure(console=sink)
-    yield sink
-    logs.configure()
 
 
 def start(db: Path, cfg: Path, fake: FakeLLM | None = None) -> str:

@@ -7,15 +7,13 @@ import csv
 import io
 import json
 import platform
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-import pytest
 from conftest import FIXTURE_ROWS, run_cli, write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row
 
-from asyncrunner import __version__, logs
+from asyncrunner import __version__
 from asyncrunner.db.schema import connect
 from asyncrunner.llm.parsing import PARSER_VERSION
 from asyncrunner.plan import RunRequest
@@ -23,14 +21,6 @@ from asyncrunner.results.report import write_report
 from asyncrunner.session import execute
 
 SYSTEM = "Classify <carefully> & answer in JSON."
-
-
-@pytest.fixture
-def console() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    logs.configure(console=sink)
-    yield sink
-    logs.configure()
 
 
 def run(tmp_path: Path, db: Path) -> str:

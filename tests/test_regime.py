@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from conftest import cli_env, experiment_id_from, run_cli, write_config, write_f
 from fake_llm import FakeLLM, experiment_row, result_keys
 from test_runner import cases
 
-from asyncrunner import logs
 from asyncrunner.config import Config
 from asyncrunner.errors import RefusedError, Stopped, UsageError
 from asyncrunner.plan import RunRequest, check_categories
@@ -37,14 +35,6 @@ TOTAL = 2 * N_CASES
 STORED_MODEL = {"max_tokens": 256, "response_format": "none", "extra_body": {"top_p": 0.9}}
 DRIFTED_MODEL = {"max_tokens": 1024, "response_format": "json_object",
                  "extra_body": {"top_p": 0.5}}
-
-
-@pytest.fixture
-def console() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    logs.configure(console=sink)
-    yield sink
-    logs.configure()
 
 
 @pytest.fixture

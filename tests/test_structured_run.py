@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from conftest import cli_env, experiment_id_from, run_cli, write_config, write_f
 from fake_llm import FakeLLM, experiment_row
 from test_runner import cases
 
-from asyncrunner import logs
 from asyncrunner.db.schema import MIGRATIONS, SCHEMA_VERSION, connect
 from asyncrunner.errors import EndpointCannotServe, TooManyErrors
 from asyncrunner.llm.answer_schema import response_format_payload
@@ -37,14 +36,6 @@ N_CASES = 10
 TOTAL = 2 * N_CASES
 MAX_TOKENS = 256
 SEED = 1024
-
-
-@pytest.fixture
-def console() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    logs.configure(console=sink)
-    yield sink
-    logs.configure()
 
 
 def config(tmp_path: Path, url: str, *, n_cases: int = N_CASES,
