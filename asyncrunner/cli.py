@@ -423,16 +423,19 @@ PRIVATE_UMASK = 0o077
 
 
 def private_files(env: Mapping[str, str]) -> bool:
-    """Files 0600 and directories 0700, unless ASYNCRUNNER_FILE_MODE=umask."""
-    return env.get(FILE_MODE_VARIABLE, "").strip().lower() != "umask"
+    """Files 0600 and directories 0700 (unset or `private`), or the umask's (`umask`)."""
+    value = env.get(FILE_MODE_VARIABLE, "").strip().lower()
+    if value not in ("", "private", "umask"):
+        raise UsageError(f"{FILE_MODE_VARIABLE}={value!r}: use private (the default) or umask")
+    return value != "umask"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if private_files(os.environ):
-        os.umask(PRIVATE_UMASK)
     logs.configure()
     try:
+        if private_files(os.environ):
+            os.umask(PRIVATE_UMASK)
         return int(args.func(args))
     except (Stopped, TooManyErrors) as exc:
         say(f"asyncrunner: {exc}", file=sys.stderr)

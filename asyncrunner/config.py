@@ -132,11 +132,14 @@ SECTIONS: dict[str, type] = {
 
 
 def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    origin = typing.get_origin(base) or base
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp) or tp
+    if origin is list:
+        item = _type_name(typing.get_args(tp)[0])
+        return "a list of " + item.removeprefix("an ").removeprefix("a ")
     return {str: "text", int: "an integer", float: "a number", bool: "true/false",
-            dict: "a mapping", list: "a list"}.get(origin, str(origin))
+            dict: "a mapping"}.get(origin, str(origin))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -54,11 +54,11 @@ from asyncrunner.db.ingest import (
     IngestReport,
     PriorLoad,
     count_placeholder_texts,
-    file_checksum,
     ingest,
     placeholder_set,
     prior_versions,
     read_digests,
+    readable_checksum,
     stored_ingest,
 )
 from asyncrunner.errors import InputError, UsageError
@@ -201,13 +201,13 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     assert d.config is not None
     cfg = d.config
     path = resolve_data_path(cfg)
-    checksum = _file_checksum(path)
+    checksum = readable_checksum(path)
     prior = tuple(prior_versions(conn, path, checksum))
     if prior and stored_ingest(conn, checksum) is None:
         # Said before the new version is read and loaded beside the old rows.
         log.warning("data_file_changed", message=_changed_file_message(cfg.data.file,
                                                                        prior[0], checksum))
-    report = ingest(conn, cfg.data, path)
+    report = ingest(conn, cfg.data, path, checksum=checksum)
     warnings = list(_ingest_warnings(conn, cfg, report))
     cutoff = store.set_cutoff(conn, report.data_checksum, cfg.run.max_narratives)
     total = store.count_set(conn, report.data_checksum, cutoff)
@@ -218,13 +218,6 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         selection=WorkSelection(d.experiment_id, report.data_checksum, cutoff),
         total=total, target=total, ingest=report, prior_loads=prior,
         warnings=tuple(warnings))
-
-
-def _file_checksum(path: Path) -> str:
-    try:
-        return file_checksum(path)
-    except OSError as exc:
-        raise InputError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:
@@ -460,7 +453,7 @@ def _check_data_unchanged(conn: sqlite3.Connection, record: store.ExperimentReco
     path = Path(record.data_file or "")
     if not path.is_file():
         raise refusals.data_missing(record.experiment_id, record.data_file)
-    now = _file_checksum(path)
+    now = readable_checksum(path)
     if now == record.data_checksum:
         return []
     assert record.data_checksum is not None
@@ -510,7 +503,7 @@ def _legacy_set(conn: sqlite3.Connection,
     path = Path(data_file or "")
     if not data_file or not path.is_file():
         raise refusals.data_missing(eid, data_file)
-    now = _file_checksum(path)
+    now = readable_checksum(path)
     # Checksums the R version stored with its narratives (v2 did); loads of our own from the
     # same path since are not the R experiment's.
     tagged = [r[0] for r in conn.execute(

@@ -126,3 +126,8 @@ def test_issue_15_keys_are_answer_or_session_keys() -> None:
         assert kind(key) is Kind.ANSWER
     for key in ("run.max_error_share", "run.breaker_window", "model.max_response_bytes"):
         assert kind(key) is Kind.SESSION
+
+
+def test_a_list_key_names_its_type_in_the_message() -> None:
+    with pytest.raises(ConfigError, match=r"'data\.placeholders' must be a list of text, got str"):
+        build_config({"data": {"placeholders": "N/A"}}, env={})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import experiment_id_from, run_cli, write_config, write_fixture_csv
+from conftest import cli_env, experiment_id_from, run_cli, write_config, write_fixture_csv
 
 ESC_NAME = "evil \x1b]0;pwned\x07\x1b[2J name \u202e"
 
@@ -59,3 +59,11 @@ def test_escape_sequences_in_names_are_shown_not_executed(finished: tuple[Path, 
         assert proc.returncode == 0, proc.stderr
         assert "\x1b" not in proc.stdout and "\u202e" not in proc.stdout
         assert "evil \\x1b]0;pwned\\x07\\x1b[2J name \\u202e" in proc.stdout
+
+
+def test_an_unknown_file_mode_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    proc = run_cli("status", "--db", str(db), env=cli_env(ASYNCRUNNER_FILE_MODE="world"))
+    assert proc.returncode == 2 and "ASYNCRUNNER_FILE_MODE" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not db.exists()

@@ -165,10 +165,12 @@ def mapping_json(data: DataSection) -> str:
     )
 
 
-def ingest(conn: sqlite3.Connection, data: DataSection, path: Path) -> IngestReport:
-    """Load `path` into source_narratives unless this content + mapping is already there."""
+def ingest(conn: sqlite3.Connection, data: DataSection, path: Path, *,
+           checksum: str | None = None) -> IngestReport:
+    """Load `path` into source_narratives unless this content + mapping is already there.
+    `checksum`: the file's, when the caller has just computed it (it is not read twice)."""
     path = Path(path)
-    checksum = _checksum_or_error(path)
+    checksum = checksum or readable_checksum(path)
     mapping = mapping_json(data)
     stored = _stored_report(conn, path, checksum, mapping)
     if stored is not None:
@@ -259,7 +261,7 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
         ))
     # The file was hashed before it was read; a writer replacing it in between would leave
     # rows under a checksum they do not belong to.
-    if _checksum_or_error(path) != checksum:
+    if readable_checksum(path) != checksum:
         raise InputError(f"data file {path} changed while it was being read; run again")
     _insert_in_chunks(conn, _DROP_SQL, ((checksum, *drop) for drop in counts.drops))
     digests = counts.digests()
@@ -356,7 +358,8 @@ def stored_ingest(conn: sqlite3.Connection, checksum: str) -> IngestReport | Non
                         placeholders_applied="placeholders" in json.loads(row[0]))
 
 
-def _checksum_or_error(path: Path) -> str:
+def readable_checksum(path: Path) -> str:
+    """The file's checksum, or one line saying why it cannot be read (exit 2)."""
     try:
         return file_checksum(path)
     except OSError as exc:

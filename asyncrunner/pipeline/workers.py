@@ -15,14 +15,15 @@ and the tokens over every request (`prompt_tokens_total`, `completion_tokens_tot
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 from anyio import CancelScope, EndOfStream, WouldBlock
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from asyncrunner.clock import utc_now
 from asyncrunner.config import TEXT_PLACEHOLDER
 from asyncrunner.llm.client import Completion, LLMClient, RequestFailure, describe_fatal
 from asyncrunner.llm.parsing import (
@@ -55,24 +56,6 @@ class Prompt:
         return self.user_template.replace(TEXT_PLACEHOLDER, text)
 
 
-class _UtcStamps:
-    """`clock.utc_now()`'s format at a fraction of its cost: the part down to the second is
-    formatted once per second, the microseconds appended."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-            self._second = second
-        return f"{self._prefix}{int((now - second) * 1_000_000):06d}Z"
-
-
-_stamp = _UtcStamps()
 
 
 def _parsed(outcome: Completion, max_tokens: int | None) -> Answer | AnswerParseError:
@@ -92,27 +75,34 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure, *,
               earlier: tuple[Completion | RequestFailure, ...] = ()) -> Result:
     """Turn a client outcome into the one row this narrative gets. `earlier`: the requests
     this narrative took before `outcome` (a parse retry's first answer); their attempts and
-    tokens count in the row's totals."""
+    tokens count in the row's totals. Built in one go: this runs once per narrative."""
     completions = [o for o in (*earlier, outcome) if isinstance(o, Completion)]
+    common: dict[str, Any] = {
+        "response_sec": outcome.response_sec + sum(o.response_sec for o in earlier),
+        "raw_response": outcome.raw,
+        "prompt_tokens_total": _total([c.prompt_tokens for c in completions]),
+        "completion_tokens_total": _total([c.completion_tokens for c in completions]),
+    }
     attempts = sum(o.attempts for o in earlier) + outcome.attempts
-    base = Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                  n.manual_flag, _stamp(), attempts,
-                  response_sec=outcome.response_sec + sum(o.response_sec for o in earlier),
-                  raw_response=outcome.raw,
-                  prompt_tokens_total=_total([c.prompt_tokens for c in completions]),
-                  completion_tokens_total=_total([c.completion_tokens for c in completions]))
     if isinstance(outcome, RequestFailure):
-        return replace(base, error_category=outcome.category, error_message=outcome.message,
+        return _result(n, attempts, common, error_category=outcome.category,
+                       error_message=outcome.message,
                        fatal=describe_fatal(outcome) if outcome.fatal else None)
-    base = replace(base, prompt_tokens=outcome.prompt_tokens,
-                   completion_tokens=outcome.completion_tokens,
-                   finish_reason=outcome.finish_reason)
+    common.update(prompt_tokens=outcome.prompt_tokens,
+                  completion_tokens=outcome.completion_tokens,
+                  finish_reason=outcome.finish_reason)
     answer = _parsed(outcome, max_tokens)
     if isinstance(answer, AnswerParseError):
-        return replace(base, error_category=ErrorCategory.PARSE_ERROR, error_message=str(answer))
-    return replace(base, detected=int(answer.detected), confidence=answer.confidence,
-                   indicators=indicators_json(answer.indicators), rationale=answer.rationale,
-                   answer_source=source)
+        return _result(n, attempts, common, error_category=ErrorCategory.PARSE_ERROR,
+                       error_message=str(answer))
+    return _result(n, attempts, common, detected=int(answer.detected),
+                   confidence=answer.confidence, indicators=indicators_json(answer.indicators),
+                   rationale=answer.rationale, answer_source=source)
+
+
+def _result(n: Narrative, attempts: int, common: dict[str, Any], **outcome: Any) -> Result:
+    return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
+                  n.manual_flag, utc_now(), attempts, **common, **outcome)
 
 
 async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
