@@ -181,3 +181,18 @@ async def test_an_unexpected_exception_propagates_and_leaves_committed_work_cons
     assert caught.group_contains(RuntimeError, match="bug in the transport")
     assert stored(db) < 12
     assert_consistent(db)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.005])
+async def test_no_request_starts_after_the_breaker_halts_the_run(
+        tmp_path: Path, delay_s: float) -> None:
+    db, _, spec = prepare(tmp_path, n_cases=60)
+    spec = replace(spec, breaker_window=5,
+                   client=replace(spec.client, max_attempts=1))
+    fake = FakeLLM(fail=lambda text: 500, delay_s=delay_s)
+    outcome = await run(spec, fake)
+    assert outcome.halt_kind == "breaker"
+    # Every request sent was either stored or was in flight on another worker when the
+    # breaker tripped (and was cancelled): none was started after the halt.
+    assert stored(db) <= fake.requests <= stored(db) + WORKERS - 1
+    assert_consistent(db)

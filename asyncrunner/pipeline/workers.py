@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 from anyio import CancelScope, EndOfStream, WouldBlock
+from anyio.lowlevel import checkpoint_if_cancelled
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncrunner.clock import utc_now
@@ -168,6 +169,11 @@ async def worker(client: LLMClient, prompt: Prompt,
     bind = structlog.contextvars.bind_contextvars
     async with narratives, results:
         while True:
+            # A halt (fail-fast, breaker, second signal) cancels the workers' scope, but the
+            # path below can reach the socket without an await that would deliver it: the
+            # limiter's and the pool's fast paths do not yield. Without this check a worker
+            # would start one more request after the run was told to stop.
+            await checkpoint_if_cancelled()
             try:
                 narrative = narratives.receive_nowait()
             except WouldBlock:
