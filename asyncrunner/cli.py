@@ -22,6 +22,7 @@ from asyncrunner import __version__, logs, refusals
 from asyncrunner.config import DEFAULT_DB
 from asyncrunner.db import experiments, store
 from asyncrunner.db.schema import connect, connect_existing, connect_readonly, migrate_existing
+from asyncrunner.diskspace import disk_full_error, is_disk_full
 from asyncrunner.errors import AsyncRunnerError, Stopped, TooManyErrors, UsageError
 from asyncrunner.ids import require_uuid
 from asyncrunner.results import status
@@ -448,7 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-    except sqlite3.Error as exc:
-        # Never a traceback; nothing half-written stays (every write is a transaction).
-        say(f"asyncrunner: error: database error: {exc}", file=sys.stderr)
-        return 1
+    except (sqlite3.Error, OSError) as exc:
+        where = db_path(args) if hasattr(args, "db") else Path.cwd()
+        if not is_disk_full(exc, where):
+            if isinstance(exc, OSError):
+                raise
+            # Never a traceback; nothing half-written stays (every write is a transaction).
+            say(f"asyncrunner: error: database error: {exc}", file=sys.stderr)
+            return 1
+        full = disk_full_error(exc, where, then="free some space and run it again")
+        say(f"asyncrunner: error: {full}", file=sys.stderr)
+        return full.exit_code

@@ -12,6 +12,8 @@ Only the CLI turns these into exit codes; everything below it raises them.
     ├── EndpointCannotServe exit 4   the endpoint cannot serve the run (401/403/404, a refused
     │                                request field, the circuit breaker): status 'interrupted',
     │                                everything received is stored, resumable
+    ├── DiskFull            exit 1   the disk filled up during a run: status 'interrupted',
+    │                                every committed result kept, resumable once space is freed
     ├── TooManyErrors       exit 4   the run completed, but its error share is above
     │                                run.max_error_share (raised after the report is written)
     └── Stopped             130/143  SIGINT / SIGTERM after a clean checkpoint
@@ -57,6 +59,12 @@ class EndpointCannotServe(AsyncRunnerError):
     """The endpoint cannot serve this run; the message says what it said and what to check."""
 
     exit_code = 4
+
+
+class DiskFull(AsyncRunnerError):
+    """A write failed for lack of disk space; the message says how much is free where."""
+
+    exit_code = 1
 
 
 class TooManyErrors(AsyncRunnerError):

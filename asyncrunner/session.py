@@ -53,8 +53,10 @@ from asyncrunner.db import backup, drops, experiments, sessions, store
 from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
+from asyncrunner.diskspace import SpaceReserve, disk_full_cause, disk_full_error
 from asyncrunner.errors import (
     AsyncRunnerError,
+    DiskFull,
     EndpointCannotServe,
     RunFailed,
     Stopped,
@@ -112,11 +114,13 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
     d = draft(req)
     session_id = uuid.uuid4().hex
     with _sigterm_as_exception(), closing(connect(req.db_path)) as conn, \
-            ExperimentLock(req.db_path, d.experiment_id) as lock, _run_log():
+            ExperimentLock(req.db_path, d.experiment_id) as lock, _run_log(), \
+            SpaceReserve(req.db_path, d.experiment_id) as reserve:
         first_backup = _backup_before_new_run(conn, d)
         plan = complete(conn, d)
         _open_record(conn, plan, lock, out, session_id, first_backup)
-        return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport)
+        return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport,
+                          reserve)
 
 
 def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
@@ -175,7 +179,8 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
     experiment id."""
     cfg, experiment_id = plan.config, plan.experiment_id
     backup_path = first_backup
-    backup.check_disk(plan.db_path, plan.target, with_backup=not plan.is_new)
+    backup.check_disk(plan.db_path, plan.target, with_backup=not plan.is_new,
+                      output_dir=Path(cfg.run.output_dir), export_rows=plan.total)
     if not plan.is_new:
         backup_path = backup.make_backup(plan.db_path)
     conn.execute("BEGIN IMMEDIATE")
@@ -428,7 +433,8 @@ def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
 
 def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                on_commit: Callable[[Snapshot], None] | None,
-               transport: httpx.AsyncBaseTransport | None) -> RunSummary:
+               transport: httpx.AsyncBaseTransport | None,
+               reserve: SpaceReserve | None = None) -> RunSummary:
     experiment_id = plan.experiment_id
     try:
         outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan), on_commit, transport,
@@ -456,6 +462,9 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
         _end_failed(conn, experiment_id, session_id, str(exc))
         raise
     except BaseException as exc:
+        full = disk_full_cause(exc, plan.db_path)
+        if full is not None:
+            raise _end_disk_full(conn, plan, session_id, full, reserve) from None
         reason = _describe(exc)
         _end_failed(conn, experiment_id, session_id, reason)
         raise RunFailed(f"run failed: {reason}; resume with "
@@ -514,6 +523,28 @@ def _end_cannot_serve(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
         f"`asyncrunner resume {plan.experiment_id}`"))
 
 
+def _end_disk_full(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
+                   cause: BaseException, reserve: SpaceReserve | None) -> DiskFull:
+    """The disk filled up: every committed result stays, the experiment stays resumable.
+    Recording that is a write too: the reserve is given back to make room for it. Should
+    it still fail, the record says running, `status` shows it as running (dead), and a
+    resume takes it up all the same."""
+    if reserve is not None:
+        reserve.release()
+    # SQLite's error is the database's disk; a file write that names no file is an export's.
+    fallback = (plan.db_path if isinstance(cause, sqlite3.Error)
+                else Path(plan.config.run.output_dir))
+    error = disk_full_error(cause, fallback, then=(
+        f"free some space, then `asyncrunner resume {plan.experiment_id}`"))
+    try:
+        experiments.set_status(conn, plan.experiment_id, Status.INTERRUPTED, str(error)[:500])
+    except sqlite3.Error as exc:
+        log.warning("status_not_recorded", message=f"status not recorded: {exc}")
+    _end_session(conn, session_id, SessionEnd.INTERRUPTED, str(error)[:500])
+    log.error("disk_full", message=str(error))
+    return error
+
+
 def _end_failed(conn: sqlite3.Connection, experiment_id: str, session_id: str,
                 reason: str) -> None:
     experiments.set_status(conn, experiment_id, Status.FAILED, reason[:500])
@@ -538,7 +569,10 @@ def _write_report(conn: sqlite3.Connection, experiment_id: str, output_dir: Path
         out = default_report_path(output_dir, experiment_id)
         return str(write_report(conn, experiment_id, out))
     except Exception as exc:  # noqa: BLE001 - any failure here must not fail a finished run
-        log.warning("report_failed", message=f"report not written: {_describe(exc)}; "
+        full = disk_full_cause(exc)
+        why = (str(disk_full_error(full, output_dir, then="free some space"))
+               if full is not None else _describe(exc))
+        log.warning("report_failed", message=f"report not written: {why}; "
                     f"run `asyncrunner report {experiment_id}` to retry")
         return None
 

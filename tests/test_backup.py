@@ -48,7 +48,7 @@ def test_refuses_when_the_disk_is_too_small(tmp_path: Path,
     def tiny(path: Any) -> Any:  # the one boundary a test cannot fill for real
         return usage._replace(free=10 * 1024 * 1024)
 
-    monkeypatch.setattr("asyncrunner.db.backup.shutil.disk_usage", tiny)
+    monkeypatch.setattr("asyncrunner.diskspace.shutil.disk_usage", tiny)
     with pytest.raises(RefusedError, match=r"10 MiB free, \d+ MiB needed"):
         backup.check_disk(db, remaining=40_000, with_backup=True)
 

@@ -8,18 +8,20 @@ pages still in the WAL. The newest `KEEP` backups of a database are kept.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
 
-from asyncrunner.errors import RefusedError
+from asyncrunner.diskspace import check_free_space
 
 KEEP = 3
 # A result row with its raw response is a few KiB; this is generous on purpose.
 BYTES_PER_RESULT = 8 * 1024
 HEADROOM_BYTES = 50 * 1024 * 1024
+# The CSV and JSON exports each hold every result again (without the narrative text).
+EXPORT_BYTES_PER_RESULT = 2 * 4 * 1024
+REPORT_BYTES = 16 * 1024 * 1024
 
 
 RESUME_BACKUP = "resume_backup"
@@ -30,28 +32,22 @@ def backup_pattern(db_path: Path, label: str = RESUME_BACKUP) -> str:
     return f"{db_path.name}.{label}_*"
 
 
-def required_bytes(db_path: Path, remaining: int) -> int:
+def check_disk(db_path: Path, remaining: int, *, with_backup: bool,
+               output_dir: Path | None = None, export_rows: int = 0) -> None:
+    """Refuse to start a run that cannot fit on its disks: the backup of the database,
+    room for the remaining results, and (at `output_dir`, possibly another disk) the
+    exports and report of `export_rows` results."""
     size = db_path.stat().st_size if db_path.exists() else 0
     wal = db_path.with_name(db_path.name + "-wal")
     size += wal.stat().st_size if wal.exists() else 0
-    return size + remaining * BYTES_PER_RESULT + HEADROOM_BYTES
-
-
-def check_disk(db_path: Path, remaining: int, *, with_backup: bool) -> None:
-    """Refuse to start a run that cannot fit its backup and its growth on the disk."""
-    need = required_bytes(db_path, remaining)
-    if not with_backup:
-        need -= db_path.stat().st_size if db_path.exists() else 0
-    free = shutil.disk_usage(db_path.resolve().parent).free
-    if free < need:
-        raise RefusedError(
-            f"not enough disk space beside {db_path}: {_mib(free)} free, {_mib(need)} needed "
-            "(backup of the database plus room for the remaining results); free some space"
-        )
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1024 / 1024:.0f} MiB"
+    needs = [(db_path.parent, remaining * BYTES_PER_RESULT + HEADROOM_BYTES,
+              "room for the remaining results")]
+    if with_backup and size:
+        needs.append((db_path.parent, size, "backup of the database"))
+    if output_dir is not None:
+        needs.append((output_dir, export_rows * EXPORT_BYTES_PER_RESULT + REPORT_BYTES,
+                      "exports and report"))
+    check_free_space(needs)
 
 
 def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) -> Path:

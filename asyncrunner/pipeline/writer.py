@@ -249,7 +249,10 @@ class ResultWriter:
             conn.execute(PROGRESS_SQL, {**progress, "done": done})
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite rolls a transaction back by itself on some errors (a full disk among
+            # them): a second ROLLBACK would fail and hide the error that matters.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return done, changed
 

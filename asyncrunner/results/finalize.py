@@ -83,7 +83,7 @@ def export(conn: sqlite3.Connection, experiment_id: str, fmt: str, out: Path, *,
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        if own_transaction:
+        if own_transaction and conn.in_transaction:
             conn.execute("ROLLBACK")             # it only read
     return out
 
@@ -128,19 +128,23 @@ def rows_with_text(conn: sqlite3.Connection,
 
 
 def finalize(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> dict[str, Any]:
-    """Store metrics, mark completed, write exports. Safe to run again.
+    """Write exports, then store metrics and mark completed. Safe to run again.
+
+    The exports come first so that an experiment is only completed with its exports on
+    disk: if they fail (a full disk), it stays resumable and a resume finishes it.
     Returns {"metrics": the metrics_json dict, "exports": {"csv": path, "json": path}}."""
     report = metrics_report(conn, experiment_id)
+    paths = {fmt: export(conn, experiment_id, fmt, output_dir / f"{experiment_id}.{fmt}")
+             for fmt in ("csv", "json")}
     conn.execute("BEGIN IMMEDIATE")
     try:
         _store_metrics(conn, experiment_id, report)
         set_status(conn, experiment_id, Status.COMPLETED)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    paths = {fmt: export(conn, experiment_id, fmt, output_dir / f"{experiment_id}.{fmt}")
-             for fmt in ("csv", "json")}
     return {"metrics": report.to_dict(), "exports": {k: str(v) for k, v in paths.items()}}
 
 
