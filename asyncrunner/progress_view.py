@@ -56,5 +56,8 @@ def _detail(s: Snapshot) -> str:
     eta = s.eta.strftime("%Y-%m-%d %H:%M") if s.eta else "unknown"
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
     conc = f"{s.concurrency:.0f}" if s.concurrency is not None else "-"
-    return (f"{s.rate:.2f}/s  ETA {eta}  errors: {errors}  concurrency {conc}  "
-            f"{s.tokens_per_s:.0f} tok/s")
+    detail = (f"{s.rate:.2f}/s  ETA {eta}  errors: {errors}  concurrency {conc}  "
+              f"{s.tokens_per_s:.0f} tok/s")
+    if s.waiting_until is not None:
+        detail = f"waiting until {s.waiting_until:%H:%M:%S}: {s.waiting_for}  " + detail
+    return detail

@@ -36,7 +36,7 @@ import signal
 import sqlite3
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,8 +48,8 @@ import httpx
 import structlog
 
 from asyncrunner import logs
-from asyncrunner.config import Config
-from asyncrunner.db import backup, drops, experiments, sessions, store
+from asyncrunner.config import Config, unknown_env_variables
+from asyncrunner.db import backup, drops, experiments, sample, sessions, store
 from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
@@ -118,9 +118,17 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
             SpaceReserve(req.db_path, d.experiment_id) as reserve:
         first_backup = _backup_before_new_run(conn, d)
         plan = complete(conn, d)
+        _warn_unknown_env(req.env, plan.config)
         _open_record(conn, plan, lock, out, session_id, first_backup)
         return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport,
                           reserve)
+
+
+def _warn_unknown_env(env: Mapping[str, str], cfg: Config) -> None:
+    """A misspelled ASYNCRUNNER_* setting would otherwise be ignored without a word."""
+    known = [cfg.model.api_key_env] if cfg.model.api_key_env else []
+    for line in unknown_env_variables(env, known=known):
+        log.warning("unknown_env_variable", message=line)
 
 
 def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
@@ -191,7 +199,12 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
                 conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
                 checksum=plan.ingest.data_checksum, n_total=plan.total,
                 api_url=redact_url(normalize_api_url(cfg.model.api_url)),
-                log_dir=str(Path(cfg.run.log_dir) / experiment_id))
+                log_dir=str(Path(cfg.run.log_dir) / experiment_id),
+                study=_study_tag(plan),
+                sample_json=(json.dumps(cfg.data.sample) if cfg.data.sample is not None
+                             else None))
+            if plan.sample_keys is not None:
+                sample.store(conn, experiment_id, list(plan.sample_keys))
         else:
             _record_resume(conn, plan, session_id)
         sessions.open_session(
@@ -228,6 +241,11 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
                      f"{k} {_brief(v['stored'])} -> {_brief(v['session'])}"
                      for k, v in plan.settings_diff.items()),
                  diff=dict(plan.settings_diff))
+
+
+def _study_tag(plan: RunPlan) -> tuple[str, str, int] | None:
+    tag = plan.request.study
+    return (tag.study_id, tag.cell, tag.repeat) if tag is not None else None
 
 
 def _brief(value: object) -> str:
@@ -340,6 +358,7 @@ def _client_settings(plan: RunPlan) -> ClientSettings:
         # the setting (auto...) until the probe has chosen the mode actually sent
         response_format=None if m.response_format in (None, "none") else m.response_format,
         extra_body=dict(m.extra_body or {}), backoff_base_s=plan.config.run.retry_backoff_s,
+        max_retry_after_s=plan.config.run.max_retry_after_s,
         system_role=plan.config.prompt.system_role,
     )
 

@@ -33,8 +33,8 @@ SESSION_KEYS: frozenset[str] = frozenset({
     "model.api_url", "model.api_key_env", "model.timeout_s",
     "model.price_per_1k_input", "model.price_per_1k_output", "model.max_response_bytes",
     "run.workers", "run.batch_size", "run.commit_interval_s", "run.max_attempts",
-    "run.retry_backoff_s", "run.requests_per_minute", "run.tokens_per_minute",
-    "run.grace_period_s", "run.output_dir", "run.log_dir",
+    "run.retry_backoff_s", "run.max_retry_after_s", "run.requests_per_minute",
+    "run.tokens_per_minute", "run.grace_period_s", "run.output_dir", "run.log_dir",
     # named by the contract, for when they exist: where requests go, what they cost, when
     # a run gives up; none of them changes an answer
     "model.endpoints", "model.price_per_mtok", "run.max_error_share", "run.breaker_window",

@@ -84,6 +84,36 @@ async def test_429_then_success_honours_retry_after_and_slows_everyone() -> None
     await client.http.aclose()
 
 
+async def test_a_long_retry_after_is_capped_by_the_setting_and_announced() -> None:
+    """Retry-After: 3600 was capped at 300 s without a word; the cap is now
+    run.max_retry_after_s and the pause is announced with what the server said."""
+    handler, _ = scripted(httpx.Response(429, headers={"Retry-After": "3600"}))
+    client, limiter = make_client(handler, attempts=1, max_retry_after_s=40.0)
+    told: list[tuple[float, str]] = []
+    limiter.on_pause = lambda seconds, reason: told.append((seconds, reason))
+    out = await client.complete("s", "u")
+    assert isinstance(out, RequestFailure) and out.retry_after_s == 40.0
+    assert told == [(40.0, "HTTP 429, Retry-After 3600s "
+                           "(capped at run.max_retry_after_s=40s)")]
+    stats = limiter.stats()
+    assert 39.0 < stats.paused_for_s <= 40.0
+    assert stats.pause_reason is not None and "Retry-After 3600s" in stats.pause_reason
+    # the same pause again, or a shorter one inside it, is not announced twice
+    limiter.on_slow_down(10.0, reason="HTTP 429")
+    assert len(told) == 1
+    await client.http.aclose()
+
+
+async def test_a_short_pause_is_not_announced() -> None:
+    handler, _ = scripted(httpx.Response(503, headers={"Retry-After": "1"}))
+    client, limiter = make_client(handler, attempts=1)
+    told: list[tuple[float, str]] = []
+    limiter.on_pause = lambda seconds, reason: told.append((seconds, reason))
+    await client.complete("s", "u")
+    assert told == [] and limiter.stats().pause_reason == "HTTP 503, Retry-After 1s"
+    await client.http.aclose()
+
+
 @pytest.mark.parametrize(
     ("response", "category", "attempts"),
     [
@@ -117,7 +147,7 @@ def test_retry_after_forms() -> None:
     date = formatdate(time.time() + 5, usegmt=True)
     value = parse_retry_after(date)
     assert value is not None and 3.0 <= value <= 5.0
-    assert parse_retry_after("99999") == 300.0
+    assert parse_retry_after("99999") == 99999.0     # capped by the client, not here
 
 
 def test_url_normalisation() -> None:

@@ -67,3 +67,29 @@ def test_an_unknown_file_mode_is_one_line_and_creates_nothing(tmp_path: Path) ->
     assert proc.returncode == 2 and "ASYNCRUNNER_FILE_MODE" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not db.exists()
+
+
+def test_a_long_csv_cell_is_taken_and_an_endless_one_is_one_line(tmp_path: Path) -> None:
+    """The csv module's default limit (131,072 characters) no longer applies: a cell as
+    large as a workbook takes is read; one beyond it (an unclosed quote swallowing the
+    rest of the file, typically) names its row."""
+    long_text = "He hit her. " + "x" * 200_000
+    data = write_fixture_csv(tmp_path / "long.csv", [("1", long_text, "", "1", "", "1"),
+                                                     ("2", "Found at home", "", "0", "", "0")])
+    cfg = write_config(tmp_path, data, "http://unused.invalid/v1", model={"provider": "mock"})
+    db = tmp_path / "runs.db"
+    proc = run_cli("run", str(cfg), "--db", str(db))
+    assert proc.returncode == 0, proc.stderr
+    endless = tmp_path / "endless.csv"
+    endless.write_text("IncidentID,NarrativeLE,NarrativeCME,ManualFlagLE,ManualFlagCME,"
+                       "ManualFlag\n1,ok,,1,,1\n2,\"" + "y" * 1_100_000 + "\n")
+    cfg = write_config(tmp_path, endless, "http://unused.invalid/v1", name="endless.yaml",
+                       model={"provider": "mock"})
+    before = db.read_bytes()
+    proc = run_cli("run", str(cfg), "--db", str(db))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == (f"asyncrunner: error: data file {endless}, row 3: a cell holds more "
+                    "than 1,048,576 characters; is a closing quote missing?")
+    assert db.read_bytes() == before

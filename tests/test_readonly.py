@@ -5,7 +5,10 @@ byte (and by mtime) before and after."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -239,18 +242,79 @@ def test_cancel_on_a_text_file_is_one_line(tmp_path: Path) -> None:
     assert state(db) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
-def test_wal_database_in_a_read_only_directory_is_readable(tmp_path: Path) -> None:
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """make_read_only(folder): from now on nothing can be written in `folder` (holding
+    files made before). chmod where it binds (not root); for root, `folder` is a tmpfs
+    mounted on it, filled, then remounted read-only. Skips only where neither works."""
+    undo: list[Callable[[], None]] = []
+
+    def make_read_only(folder: Path) -> None:
+        if os.geteuid() != 0:
+            for p in folder.iterdir():
+                p.chmod(0o444)
+            folder.chmod(0o555)
+            undo.append(lambda: folder.chmod(0o755))
+            return
+        staged = tmp_path / f"{folder.name}.staged"
+        folder.rename(staged)
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                          capture_output=True, check=False).returncode != 0:
+            pytest.skip("running as root without the right to mount: chmod does not bind")
+        undo.append(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))
+        for p in staged.iterdir():
+            shutil.copy2(p, folder / p.name)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+    yield make_read_only
+    for step in reversed(undo):
+        step()
+
+
+def test_wal_database_in_a_read_only_directory_is_readable(
+        tmp_path: Path, read_only: Callable[[Path], None]) -> None:
     """No -wal/-shm beside it and no right to create them: read without them."""
     folder = tmp_path / "ro"
     folder.mkdir()
     db = folder / "exp.db"
     connect(db).close()
     assert listing(folder) == {"exp.db"}
-    folder.chmod(0o555)
-    try:
-        proc = run_cli("status", "--db", str(db), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert "no experiments" in proc.stdout
-    finally:
-        folder.chmod(0o755)
+    read_only(folder)
+    proc = run_cli("status", "--db", str(db), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "no experiments" in proc.stdout
+
+
+WRITE_COMMANDS: list[tuple[str, ...]] = [("migrate",), ("cancel", ID1), ("resume", ID1)]
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS, ids=lambda c: c[0])
+def test_writing_commands_refuse_a_read_only_place_in_one_line(
+        tmp_path: Path, read_only: Callable[[Path], None], command: tuple[str, ...]) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "exp.db"
+    build_r_era(db)
+    read_only(folder)
+    before = state(db)
+    proc = run_cli(*command, "--db", str(db), cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    line = one_error_line(proc.stderr)
+    assert "read-only" in line or "cannot write in" in line, line
+    assert state(db) == before and listing(folder) == {"exp.db"}
+
+
+def test_a_new_run_refuses_a_read_only_directory_in_one_line(
+        tmp_path: Path, read_only: Callable[[Path], None]) -> None:
+    from conftest import write_config, write_fixture_csv
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    read_only(folder)
+    data = write_fixture_csv(tmp_path / "data.csv", [("1", "He hit her", "", "1", "", "1")])
+    cfg = write_config(tmp_path, data, "http://127.0.0.1:9/v1")
+    proc = run_cli("run", str(cfg), "--db", str(folder / "new.db"), cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"cannot write in {folder}" in one_error_line(proc.stderr)
+    assert listing(folder) == set()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog.testing
 from conftest import write_fixture_csv
 from fake_llm import FakeLLM, experiment_row, result_keys
 
@@ -22,7 +23,7 @@ from asyncrunner.db.ingest import ingest
 from asyncrunner.db.schema import connect
 from asyncrunner.llm.client import ClientSettings
 from asyncrunner.pipeline.producer import WorkSelection
-from asyncrunner.pipeline.progress import Snapshot
+from asyncrunner.pipeline.progress import Snapshot, progress_line
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, StopControl, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
 from asyncrunner.pipeline.writer import WriterSettings
@@ -196,3 +197,33 @@ async def test_no_request_starts_after_the_breaker_halts_the_run(
     # breaker tripped (and was cancelled): none was started after the halt.
     assert stored(db) <= fake.requests <= stored(db) + WORKERS - 1
     assert_consistent(db)
+
+
+async def test_a_long_wait_for_the_server_is_shown_on_the_progress_and_in_the_log(
+        tmp_path: Path) -> None:
+    """Retry-After: 3600 on the first request, capped at 2.5 s: a snapshot says what every
+    request waits for and until when, before the next commit; then the run completes."""
+    db, total, spec = prepare(tmp_path)
+    spec = replace(spec, client=replace(spec.client, max_retry_after_s=2.5, max_attempts=3))
+    fake = FakeLLM()
+    refused = [False]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if not refused[0]:
+            refused[0] = True
+            return httpx.Response(429, headers={"Retry-After": "3600"}, text="slow down")
+        return await fake.handle(request)
+
+    snapshots: list[Snapshot] = []
+    with structlog.testing.capture_logs() as logs:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            outcome = await run_pipeline(spec, http, on_commit=snapshots.append)
+    assert outcome.stopped_by is None and stored(db) == total
+    waits = [s for s in snapshots if s.waiting_until is not None]
+    assert waits and waits[0].session_done == 0          # shown before any commit
+    assert waits[0].waiting_for == ("HTTP 429, Retry-After 3600s "
+                                    "(capped at run.max_retry_after_s=2.5s)")
+    assert "Waiting: until " in progress_line(waits[0])
+    assert snapshots[-1].waiting_until is None
+    said = [e for e in logs if e["event"] == "waiting"]
+    assert len(said) == 1 and "every request waits until" in said[0]["message"]

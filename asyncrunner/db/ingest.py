@@ -461,7 +461,7 @@ def _column_index(header: Sequence[Any], header_number: int, data: DataSection,
             continue
         if name in positions:
             raise InputError(
-                f"data file {path}: column '{name}' appears more than once in the header "
+                f"data file {path}: column '{_shown(name)}' appears more than once in the header "
                 f"(row {header_number})"
             )
         positions[name] = at
@@ -469,7 +469,7 @@ def _column_index(header: Sequence[Any], header_number: int, data: DataSection,
     if missing:
         raise InputError(
             f"data file {path} lacks configured column(s): "
-            + ", ".join(f"'{name}'" for name in missing)
+            + ", ".join(f"'{_shown(name)}'" for name in missing)
         )
     return positions
 
@@ -549,6 +549,13 @@ def _describe(value: Any) -> str:
 # File formats
 
 
+def _shown(name: object) -> str:
+    """A column or sheet name in a one-line message: a line break in an Excel header
+    (Alt+Enter) or any other control character shown escaped."""
+    text = str(name)
+    return text if text.isprintable() else text.encode("unicode_escape").decode()
+
+
 def _read_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
     """(row number, values) for every row of the file, header included, streamed."""
     suffix = path.suffix.lower()
@@ -562,15 +569,28 @@ def _read_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
     )
 
 
+# The csv module refuses a field over 131,072 characters by default; a workbook cell takes
+# far more. One limit for both kinds of file (the module's limit is process-wide).
+MAX_CELL_CHARS = 1_048_576
+
+
 def _csv_rows(path: Path) -> Generator[Row, None, None]:
+    if csv.field_size_limit() < MAX_CELL_CHARS:
+        csv.field_size_limit(MAX_CELL_CHARS)
+    number = 0
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             # Record numbers, not line numbers: a quoted narrative may span lines, and the
             # operator finds the row by opening the file in a spreadsheet.
-            yield from enumerate(csv.reader(fh), start=1)
+            for number, row in enumerate(csv.reader(fh), start=1):
+                yield number, row
     except UnicodeDecodeError:
         raise InputError(f"data file {path} is not UTF-8 text; save it as CSV UTF-8") from None
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise InputError(
+                f"data file {path}, row {number + 1}: a cell holds more than "
+                f"{MAX_CELL_CHARS:,} characters; is a closing quote missing?") from None
         raise InputError(f"data file {path} is not a readable CSV: {exc}") from None
     except OSError as exc:
         raise InputError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
@@ -618,8 +638,8 @@ def _worksheet(book: Any, sheet: str | None, path: Path) -> Any:
         return book.worksheets[0]
     if sheet not in names:
         raise InputError(
-            f"data file {path} has no sheet '{sheet}' (sheets: "
-            + ", ".join(f"'{name}'" for name in names) + ")"
+            f"data file {path} has no sheet '{_shown(sheet)}' (sheets: "
+            + ", ".join(f"'{_shown(name)}'" for name in names) + ")"
         )
     return book[sheet]
 

@@ -25,6 +25,7 @@ existing asyncrunner database, migrated: `cancel`, `resume --latest`), `migrate_
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
@@ -97,6 +98,11 @@ EXPERIMENT_COLUMNS: dict[str, str] = {
     "platform": "TEXT",
     # version 7: the structured-output mode the probe chose (issue #15)
     "response_format_used": "TEXT",
+    # version 8: a sweep's cell (see studies) and a sample's definition
+    "study_id": "TEXT",
+    "study_cell": "TEXT",
+    "study_repeat": "INTEGER",
+    "sample_json": "TEXT",
 }
 
 RESULT_COLUMNS: dict[str, str] = {
@@ -216,6 +222,36 @@ METRICS_HISTORY_COLUMNS: dict[str, str] = {
     "metrics_json": "TEXT",
 }
 
+# Version 8: a sweep's cells are experiments tagged with its study_id.
+STUDY_COLUMNS: dict[str, str] = {
+    "study_id": "TEXT PRIMARY KEY",
+    "name": "TEXT",
+    "sweep_file": "TEXT",
+    "sweep_checksum": "TEXT NOT NULL",
+    "spec_json": "TEXT NOT NULL",
+    "created_at": "TEXT NOT NULL",
+}
+
+# Version 8: the narrative keys a sampled experiment scores (data.sample).
+SAMPLE_COLUMNS: dict[str, str] = {
+    "experiment_id": "TEXT NOT NULL",
+    "incident_id": "TEXT NOT NULL",
+    "narrative_type": "TEXT NOT NULL",
+}
+
+# Version 8: labels beside the manual ones (label_set 'adjudicated': a reviewer's decisions).
+LABEL_SET_COLUMNS: dict[str, str] = {
+    "label_set": "TEXT NOT NULL",
+    "data_checksum": "TEXT NOT NULL",
+    "incident_id": "TEXT NOT NULL",
+    "narrative_type": "TEXT NOT NULL",
+    "label": "INTEGER NOT NULL",
+    "note": "TEXT",
+    "source": "TEXT",
+    "workbook_checksum": "TEXT",
+    "imported_at": "TEXT NOT NULL",
+}
+
 TABLES: dict[str, dict[str, str]] = {
     "source_narratives": SOURCE_COLUMNS,
     "experiments": EXPERIMENT_COLUMNS,
@@ -225,6 +261,9 @@ TABLES: dict[str, dict[str, str]] = {
     "sessions": SESSION_COLUMNS,
     "config_history": CONFIG_HISTORY_COLUMNS,
     "metrics_history": METRICS_HISTORY_COLUMNS,
+    "studies": STUDY_COLUMNS,
+    "experiment_sample": SAMPLE_COLUMNS,
+    "label_sets": LABEL_SET_COLUMNS,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -638,6 +677,58 @@ def _m7_answer_provenance(conn: sqlite3.Connection) -> None:
     conn.execute(_M7_NORMALIZE_INDICATORS)
 
 
+# Version 8 (issue #12): studies (a sweep's cells grouped under one id, each cell an
+# ordinary experiment tagged with it), the narratives a sampled experiment scores (the keys
+# themselves, so every resume and every cell of a study scores the same ones), and label
+# sets beside the manual labels (a reviewer's decisions; the manual labels are never
+# overwritten).
+_M8_TABLES = (
+    """CREATE TABLE IF NOT EXISTS studies (
+        study_id TEXT PRIMARY KEY,
+        name TEXT,
+        sweep_file TEXT,
+        sweep_checksum TEXT NOT NULL,
+        spec_json TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS idx_studies_checksum ON studies (sweep_checksum)",
+    """CREATE TABLE IF NOT EXISTS experiment_sample (
+        experiment_id TEXT NOT NULL,
+        incident_id TEXT NOT NULL,
+        narrative_type TEXT NOT NULL,
+        PRIMARY KEY (experiment_id, incident_id, narrative_type)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS label_sets (
+        label_set TEXT NOT NULL,
+        data_checksum TEXT NOT NULL,
+        incident_id TEXT NOT NULL,
+        narrative_type TEXT NOT NULL,
+        label INTEGER NOT NULL CHECK (label IN (0, 1)),
+        note TEXT,
+        source TEXT,
+        workbook_checksum TEXT,
+        imported_at TEXT NOT NULL,
+        PRIMARY KEY (label_set, data_checksum, incident_id, narrative_type)
+    )""",
+)
+_M8_COLUMNS = (
+    ("experiments", "study_id", "TEXT"),
+    ("experiments", "study_cell", "TEXT"),
+    ("experiments", "study_repeat", "INTEGER"),
+    ("experiments", "sample_json", "TEXT"),
+)
+
+
+def _m8_studies_samples_labels(conn: sqlite3.Connection) -> None:
+    for ddl in _M8_TABLES:
+        conn.execute(ddl)
+    have = _existing_columns(conn, "experiments")
+    for table, column, decl in _M8_COLUMNS:
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_experiments_study ON experiments (study_id)")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_create_tables,
     _m2_add_missing_columns,
@@ -646,6 +737,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m5_rebuild_r_era_source,
     _m6_sessions_drops_provenance,
     _m7_answer_provenance,
+    _m8_studies_samples_labels,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -725,6 +817,7 @@ def connect(path: str | Path, *, migrate_schema: bool = True) -> sqlite3.Connect
     Creates the file (and its directory) when missing: this is how `run` starts a database.
     """
     db = Path(path)
+    require_writable(db)
     if db.parent and not db.parent.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(db), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -844,8 +937,29 @@ def connect_readonly(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def require_writable(db: Path) -> None:
+    """Refuse at once, in one line, a database a writing command could not write: a
+    read-only file (or -wal/-shm file), or a directory where SQLite cannot make its
+    journal files and we cannot put the lock file and backups."""
+    for file in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if file.exists() and not os.access(file, os.W_OK):
+            raise UsageError(
+                f"{file} is read-only: this command writes to the database; make it "
+                "writable or use a writable copy (status, export, report and compare read "
+                "it as it is)")
+    folder = db.parent if db.parent != Path("") else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write in {folder}: the database's journal (-wal, -shm), its lock file "
+            "and its backups are made beside it; use a writable directory for --db")
+
+
 def _open_writable(db: Path, *, allow_empty: bool) -> sqlite3.Connection:
     """An existing asyncrunner database (or, if allowed, an empty one), configured."""
+    if db.is_file():
+        require_writable(db)
     try:
         conn = _open_existing(db, "mode=rw")
     except sqlite3.Error as exc:

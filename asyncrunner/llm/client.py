@@ -68,7 +68,7 @@ from asyncrunner.vocab import ErrorCategory
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SLOW_DOWN_STATUS = frozenset({429, 503})
-MAX_RETRY_AFTER_S = 300.0
+DEFAULT_MAX_RETRY_AFTER_S = 300.0
 CONTEXT_TOO_LONG = ("context length", "context_length", "too long", "maximum context",
                     "too many tokens", "exceeds the context", "context size",
                     "exceed_context_size")
@@ -97,6 +97,7 @@ class ClientSettings:
     extra_body: dict[str, Any] = field(default_factory=dict)
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S   # a longer Retry-After is capped
     system_role: str = "system"                # system | user
     response_schema: dict[str, Any] | None = None   # replaces the bounded answer schema
 
@@ -166,7 +167,8 @@ def redact_url(url: str) -> str:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date."""
+    """Retry-After is either delta-seconds or an HTTP date; seconds from now, uncapped
+    (the client caps it at max_retry_after_s and says so)."""
     if not value:
         return None
     value = value.strip()
@@ -180,7 +182,7 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = when.timestamp() - time.time()
     if math.isnan(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    return max(seconds, 0.0)
 
 
 def http_timeouts(timeout_s: float) -> dict[str, float | None]:
@@ -431,9 +433,16 @@ class LLMClient:
         status = response.status_code
         text = _body_text(response)
         if status != 200:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            asked = parse_retry_after(response.headers.get("retry-after"))
+            cap = self.settings.max_retry_after_s
+            retry_after = min(asked, cap) if asked is not None else None
             if status in SLOW_DOWN_STATUS:
-                self.limiter.on_slow_down(retry_after, sent_at)
+                reason = f"HTTP {status}"
+                if asked is not None:
+                    reason += f", Retry-After {asked:g}s"
+                    if asked > cap:
+                        reason += f" (capped at run.max_retry_after_s={cap:g}s)"
+                self.limiter.on_slow_down(retry_after, sent_at, reason)
             detail = _error_detail(text)
             category = ErrorCategory.RATE_LIMIT if status == 429 else ErrorCategory.API_ERROR
             if status == 400 and _context_too_long(detail, text):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -24,6 +25,11 @@ class ThrottleStats:
     ceiling: int
     decreases: int
     paused_for_s: float
+    pause_reason: str | None = None   # while paused: what the server said
+
+
+# A common pause at least this long is announced (on_pause): shorter ones pass unseen.
+VISIBLE_PAUSE_S = 2.0
 
 
 class TokenBudget:
@@ -76,7 +82,11 @@ class AdaptiveLimiter:
     first come first served, and `release` hands its slot straight to the first in line."""
 
     def __init__(self, ceiling: int, *, floor: int = 1,
-                 requests_per_minute: float | None = None) -> None:
+                 requests_per_minute: float | None = None,
+                 on_pause: Callable[[float, str], None] | None = None) -> None:
+        """`on_pause(seconds, reason)` is told when the server makes every request wait
+        for VISIBLE_PAUSE_S or longer (once per pause, again when a pause is extended), so
+        that a long silence is explained on the console and in the log."""
         self.ceiling = ceiling
         self.floor = floor
         self._limit = float(ceiling)
@@ -84,6 +94,9 @@ class AdaptiveLimiter:
         self._in_flight = 0
         self._waiters: deque[anyio.Event] = deque()
         self._paused_until = 0.0
+        self._pause_reason: str | None = None
+        self._announced_until = 0.0
+        self.on_pause = on_pause
         self._last_decrease = -1e9
         self._decreases = 0
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
@@ -94,6 +107,7 @@ class AdaptiveLimiter:
             limit=self._limit, in_flight=self._in_flight, ceiling=self.ceiling,
             decreases=self._decreases,
             paused_for_s=max(0.0, self._paused_until - time.monotonic()),
+            pause_reason=self._pause_reason if self._paused_until > time.monotonic() else None,
         )
 
     async def acquire(self) -> None:
@@ -154,11 +168,19 @@ class AdaptiveLimiter:
             if self._waiters:
                 self._wake()
 
-    def on_slow_down(self, retry_after_s: float | None, sent_at: float | None = None) -> None:
-        """`sent_at`: when the refused request was sent (time.monotonic()); None = now."""
+    def on_slow_down(self, retry_after_s: float | None, sent_at: float | None = None,
+                     reason: str | None = None) -> None:
+        """`sent_at`: when the refused request was sent (time.monotonic()); None = now.
+        `reason`: what the server said, for the announcement of a long pause."""
         now = time.monotonic()
-        if retry_after_s:
-            self._paused_until = max(self._paused_until, now + retry_after_s)
+        if retry_after_s and now + retry_after_s > self._paused_until:
+            self._paused_until = now + retry_after_s
+            self._pause_reason = reason or f"the server asked to wait {retry_after_s:g}s"
+            if (retry_after_s >= VISIBLE_PAUSE_S
+                    and self._paused_until >= self._announced_until + 1.0):
+                self._announced_until = self._paused_until
+                if self.on_pause is not None:
+                    self.on_pause(retry_after_s, self._pause_reason)
         if (now if sent_at is None else sent_at) > self._last_decrease:
             self._last_decrease = now
             self._decreases += 1

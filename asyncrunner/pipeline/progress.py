@@ -26,6 +26,8 @@ class Snapshot:
     prompt_tokens: int = 0    # this session
     completion_tokens: int = 0
     concurrency: float | None = None
+    waiting_until: datetime | None = None   # every request waits for the server (local time)
+    waiting_for: str | None = None          # what the server said (HTTP 429, Retry-After ...)
 
     @property
     def percent(self) -> float:
@@ -80,7 +82,10 @@ def format_duration(seconds: float) -> str:
 def progress_line(s: Snapshot) -> str:
     """The contract's plain line, for logs and non-terminal output."""
     eta = s.eta.strftime("%Y-%m-%d %H:%M:%S") if s.eta else "unknown"
-    return (
+    line = (
         f"[PROGRESS] {s.done}/{s.total} ({s.percent:.1f}%) | Rate: {s.rate:.2f}/sec | "
         f"ETA: {eta} | Elapsed: {format_duration(s.elapsed_s)}"
     )
+    if s.waiting_until is not None:
+        line += f" | Waiting: until {s.waiting_until:%H:%M:%S} ({s.waiting_for})"
+    return line

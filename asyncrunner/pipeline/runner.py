@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import anyio
 import anyio.abc
@@ -177,7 +178,17 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
         return True
 
     writer = ResultWriter(spec.db_path, spec.writer, on_commit=on_commit,
-                          concurrency=lambda: limiter.stats().limit)
+                          concurrency=lambda: limiter.stats().limit,
+                          waiting=lambda: _waiting(limiter))
+
+    def announce(seconds: float, reason: str) -> None:
+        until = datetime.now() + timedelta(seconds=seconds)
+        log.warning("waiting", wait_s=round(seconds, 1), reason=reason,
+                    message=f"waiting for the server ({reason}): every request waits "
+                            f"until {until:%H:%M:%S}")
+        writer.publish()
+
+    limiter.on_pause = announce
     narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)
     results_send, results_recv = anyio.create_memory_object_stream[Result](
         max(2 * spec.writer.batch_size, 2 * spec.workers))
@@ -196,6 +207,13 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
             stop.finished()
     return PipelineOutcome(stopped_by=stop.signum, last=writer.last, halted=stop.halted,
                            halt_kind=stop.halt_kind)
+
+
+def _waiting(limiter: AdaptiveLimiter) -> tuple[datetime, str] | None:
+    stats = limiter.stats()
+    if stats.paused_for_s <= 0 or stats.pause_reason is None:
+        return None
+    return datetime.now() + timedelta(seconds=stats.paused_for_s), stats.pause_reason
 
 
 # Allocations (net of frees) between two young-generation collections during a run.

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -115,13 +116,17 @@ def _row(experiment_id: str, r: Result) -> dict[str, object]:
 class ResultWriter:
     def __init__(self, db_path: str | Path, settings: WriterSettings, *,
                  on_commit: Callable[[Snapshot], None] | None = None,
-                 concurrency: Callable[[], float | None] | None = None) -> None:
+                 concurrency: Callable[[], float | None] | None = None,
+                 waiting: Callable[[], tuple[datetime, str] | None] | None = None) -> None:
+        """`concurrency` and `waiting` (until when, and why, every request waits for the
+        server) are read into each snapshot."""
         self.db_path = str(db_path)
         self._answers = 0          # results holding a completion, up to TRUNCATION_SAMPLE
         self._cut_off = 0
         self.s = settings
         self._on_commit = on_commit
         self._concurrency = concurrency
+        self._waiting = waiting
         self._pending: list[Result] = []
         self._wake = anyio.Event()
         self._closed = False
@@ -221,11 +226,30 @@ class ResultWriter:
             errors=dict(self._errors), rate=rate, elapsed_s=self._rate.elapsed(), eta=eta,
             prompt_tokens=self._tokens[0], completion_tokens=self._tokens[1],
             concurrency=self._concurrency() if self._concurrency else None,
+            **self._waiting_fields(),
         )
         log.info("commit", rows=len(batch), changed=changed, done=done, total=self.s.total,
                  rate=round(rate, 3), errors=sum(self._errors.values()))
         if self._on_commit:
             self._on_commit(self.last)
+
+    def _waiting_fields(self) -> dict[str, Any]:
+        waiting = self._waiting() if self._waiting else None
+        if waiting is None:
+            return {}
+        return {"waiting_until": waiting[0], "waiting_for": waiting[1]}
+
+    def publish(self) -> None:
+        """Show a change between commits (a long wait for the server has begun): the last
+        snapshot, or the session's starting point before the first commit, as it is now."""
+        if self._on_commit is None:
+            return
+        base = self.last or Snapshot(
+            done=self.s.total - self.s.session_target if not self.s.retry_errors_only
+            else self.s.total, total=self.s.total, session_done=0,
+            concurrency=self._concurrency() if self._concurrency else None)
+        self._on_commit(replace(base, **({"waiting_until": None, "waiting_for": None}
+                                         | self._waiting_fields())))
 
     def _transaction(self, conn: sqlite3.Connection, sql: str, rows: list[dict[str, object]],
                      progress: dict[str, object], done_before: int | None) -> tuple[int, int]:
