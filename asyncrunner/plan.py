@@ -42,7 +42,7 @@ from asyncrunner.config import (
     load_config,
     resolve_data_path,
 )
-from asyncrunner.db import store
+from asyncrunner.db import sample, store
 from asyncrunner.db.experiments import (
     AUTHORITATIVE,
     CHANGE_ADOPTED,
@@ -100,6 +100,20 @@ class RunRequest:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
     allow_drift: tuple[str, ...] = ()              # --allow-drift KEY (repeatable)
     categories: tuple[str, ...] | None = None      # --category: None = RETRYABLE
+    # A sweep's cell: its configuration built in memory (instead of config_path), the id it
+    # was given in the study's record before it started, and the study it belongs to.
+    config: Config | None = None
+    new_experiment_id: str | None = None
+    study: StudyTag | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyTag:
+    """Which cell of which study an experiment is (stored with the experiment)."""
+
+    study_id: str
+    cell: str          # the cell's settings, e.g. "model.name=a, model.temperature=0.7"
+    repeat: int        # 1.. within the cell
 
 
 def request_from_env(db_path: Path, config_path: str | None, overrides: Mapping[str, Any], *,
@@ -160,6 +174,7 @@ class RunPlan:
     stored_config: Mapping[str, Any] | None = None
     legacy: LegacySet | None = None
     retry_categories: tuple[str, ...] | None = None
+    sample_keys: tuple[tuple[str, str], ...] | None = None   # a new sampled experiment's
 
     @property
     def db_path(self) -> Path:
@@ -181,6 +196,10 @@ def draft(req: RunRequest) -> Draft:
         _check_allow_drift_keys(req.allow_drift)
         intent = Intent.RETRY_ERRORS if req.retry_errors_only else Intent.RESUME
         return Draft(req, intent, experiment_id)
+    if req.config is not None:
+        experiment_id = (require_uuid(req.new_experiment_id) if req.new_experiment_id
+                         else new_experiment_id())
+        return Draft(req, Intent.NEW, experiment_id, req.config)
     if not req.config_path:
         raise InputError("run needs a CONFIG.yaml (or RESUME=1 with EXPERIMENT_ID to resume)")
     cfg = load_config(req.config_path, overrides=req.overrides, env=req.env)
@@ -213,11 +232,16 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     total = store.count_set(conn, report.data_checksum, cutoff)
     if total == 0:
         raise InputError(f"data file {cfg.data.file} holds no narratives to classify")
+    keys = None
+    if cfg.data.sample is not None:
+        keys = tuple(sample.draw(conn, report.data_checksum, cutoff, cfg.data.sample))
+        total = len(keys)
     return RunPlan(
         request=d.request, intent=d.intent, experiment_id=d.experiment_id, config=cfg,
-        selection=WorkSelection(d.experiment_id, report.data_checksum, cutoff),
+        selection=WorkSelection(d.experiment_id, report.data_checksum, cutoff,
+                                sampled=keys is not None),
         total=total, target=total, ingest=report, prior_loads=prior,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), sample_keys=keys)
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:
@@ -296,6 +320,9 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     else:
         cutoff = store.set_cutoff(conn, checksum, max_narratives)
         total = store.count_set(conn, checksum, cutoff)
+    sampled = sample.stored_count(conn, experiment_id)
+    if sampled:
+        total = sampled          # the stored keys, not a new draw
     done, _ = store.count_results(conn, experiment_id)
     categories = _retry_categories(conn, req, experiment_id) if retry else None
     target = _count_errors(conn, experiment_id, categories) if retry else max(0, total - done)
@@ -309,7 +336,8 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
             stored_config["run"]["max_narratives"] = legacy.max_narratives
     return RunPlan(
         request=req, intent=d.intent, experiment_id=experiment_id, config=cfg,
-        selection=_selection(experiment_id, checksum, cutoff, retry, categories),
+        selection=_selection(experiment_id, checksum, cutoff, retry, categories,
+                             sampled=bool(sampled)),
         total=total, target=target, done=done, drift=tuple(s.drift),
         warnings=tuple(warnings), previous_status=_status_or_none(record.status),
         settings_diff=s.diff, allowed_drift=s.allowed, config_changes=tuple(s.changes),
@@ -581,9 +609,9 @@ def _retry_categories(conn: sqlite3.Connection, req: RunRequest,
 
 
 def _selection(experiment_id: str, checksum: str, cutoff: int | None, retry: bool,
-               categories: tuple[str, ...] | None) -> WorkSelection:
+               categories: tuple[str, ...] | None, *, sampled: bool) -> WorkSelection:
     return WorkSelection(experiment_id, checksum, cutoff, retry_errors_only=retry,
-                         categories=categories if retry else None)
+                         categories=categories if retry else None, sampled=sampled)
 
 
 def _count_errors(conn: sqlite3.Connection, experiment_id: str,

@@ -49,7 +49,10 @@ def provenance() -> dict[str, str]:
 
 
 def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_file: str,
-           checksum: str, n_total: int, api_url: str, log_dir: str) -> None:
+           checksum: str, n_total: int, api_url: str, log_dir: str,
+           study: tuple[str, str, int] | None = None, sample_json: str | None = None) -> None:
+    """`study`: (study id, cell, repeat) of a sweep's cell; `sample_json`: the sample's
+    definition when the experiment scores a sample (its keys go to experiment_sample)."""
     m, p, r = cfg.model, cfg.prompt, cfg.run
     stored = cfg.to_dict()
     stored["model"]["api_url"] = api_url  # already redacted by the caller
@@ -61,15 +64,18 @@ def create(conn: sqlite3.Connection, cfg: Config, *, experiment_id: str, data_fi
             api_url, system_prompt, user_template, prompt_version, run_seed, data_file,
             data_checksum, max_narratives, n_narratives_total, n_narratives_processed,
             n_narratives_completed, start_time, log_dir, config_json, asyncrunner_version,
-            parser_version, python_version, platform
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?)
+            parser_version, python_version, platform, study_id, study_cell, study_repeat,
+            sample_json
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?,
+                  ?, ?, ?, ?)
         """,
         (
             experiment_id, cfg.experiment.name, Status.RUNNING, m.name, m.provider,
             m.temperature, api_url, p.system_prompt, p.user_template, p.version, r.seed,
             data_file, checksum, r.max_narratives, n_total, local_now(), log_dir,
             json.dumps(stored), prov["asyncrunner_version"], prov["parser_version"],
-            prov["python_version"], prov["platform"],
+            prov["python_version"], prov["platform"], *(study or (None, None, None)),
+            sample_json,
         ),
     )
 

@@ -27,6 +27,9 @@ _SELECT = (
     "s.manual_flag_ind, s.manual_flag FROM source_narratives s "
     "WHERE s.data_checksum = :checksum AND s.narrative_id > :after "
     "AND (:cutoff IS NULL OR s.narrative_id <= :cutoff) AND {match} "
+    "AND (:sampled = 0 OR EXISTS (SELECT 1 FROM experiment_sample x "
+    "WHERE x.experiment_id = :experiment_id AND x.incident_id = s.incident_id "
+    "AND x.narrative_type = s.narrative_type)) "
     "ORDER BY s.narrative_id LIMIT :limit"
 )
 _RESULT = (
@@ -48,6 +51,7 @@ class WorkSelection:
     # With retry_errors_only: the error categories to send again (None: every error row).
     # A row stored without a category counts as 'unknown'.
     categories: tuple[str, ...] | None = None
+    sampled: bool = False      # only the narratives in experiment_sample (data.sample)
 
 
 class _Page:
@@ -72,6 +76,7 @@ async def produce(db_path: str | Path, selection: WorkSelection,
     base: dict[str, object] = {
         "checksum": selection.checksum, "cutoff": selection.cutoff,
         "experiment_id": selection.experiment_id, "limit": page_size,
+        "sampled": int(selection.sampled),
         "categories": (json.dumps(list(selection.categories))
                        if selection.categories is not None else None),
     }
