@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from asyncrunner import __version__, logs, refusals
-from asyncrunner.config import DEFAULT_DB
+from asyncrunner.config import DEFAULT_DB, env_flag
 from asyncrunner.db import experiments, store
 from asyncrunner.db.schema import connect, connect_existing, connect_readonly, migrate_existing
 from asyncrunner.diskspace import disk_full_error, is_disk_full
@@ -41,7 +41,8 @@ def db_path(args: argparse.Namespace) -> Path:
 # Commands that only read. They open the database read-only, so they never create,
 # migrate or write it: an operator may point them at a backup, a copy on a read-only
 # share, or a database a newer or older asyncrunner is still using.
-READ_ONLY_COMMANDS = frozenset({"status", "export", "report", "compare"})
+READ_ONLY_COMMANDS = frozenset({"status", "export", "report", "compare",
+                                "adjudicate-export"})
 
 
 def _existing_db(args: argparse.Namespace) -> sqlite3.Connection:
@@ -132,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         conn = _existing_db(args)
         try:
             if args.experiment_id:
-                info = status.collect(conn, path, args.experiment_id)
+                info = status.collect(conn, path, args.experiment_id, labels=args.labels)
                 if info is None:
                     raise refusals.no_experiment(args.experiment_id, path)
                 text = json.dumps(info, indent=2) if args.json else status.render_detail(info)
@@ -179,7 +180,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         output_dir = Path(record.config.get("run", {}).get("output_dir") or ".")
         out = args.out or default_report_path(output_dir, experiment_id)
         with _writing(out):
-            written = write_report(conn, experiment_id, out)
+            written = write_report(conn, experiment_id, out, labels=args.labels)
     finally:
         conn.close()
     say(f"report: {written}")
@@ -187,15 +188,65 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from asyncrunner.results.compare import compare, render_text, to_json
+    from asyncrunner.results import leaderboard
 
-    first, second = require_uuid(args.first), require_uuid(args.second)
+    ids = [require_uuid(i) for i in args.ids]
+    study_id = require_uuid(args.study, "study") if args.study else None
+    if study_id is None and len(ids) < 2:
+        raise UsageError("compare needs two or more experiment ids, or --study STUDY_ID")
     conn = _existing_db(args)
     try:
-        result = compare(conn, first, second)
+        board = leaderboard.build(conn, ids, study_id=study_id, labels=args.labels)
     finally:
         conn.close()
-    say(json.dumps(to_json(result), indent=2) if args.json else render_text(result))
+    if args.html:
+        with _writing(args.html):
+            say(f"leaderboard: {leaderboard.write_html(board, args.html)}")
+    say(json.dumps(leaderboard.to_json(board), indent=2) if args.json
+        else leaderboard.render_text(board))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from asyncrunner.study.sweep import SweepRequest, run_sweep
+
+    env = os.environ
+    resume_id = args.resume or (env.get("STUDY_ID") if env_flag(env, "RESUME") else None)
+    if resume_id is None and not args.sweep:
+        raise UsageError("sweep needs a SWEEP.yaml, or --resume STUDY_ID "
+                         "(or RESUME=1 with STUDY_ID)")
+    request = SweepRequest(db_path=db_path(args), sweep_path=args.sweep,
+                           resume_study_id=require_uuid(resume_id, "study") if resume_id else None,
+                           workers=args.workers, env=env)
+    return run_sweep(request, sys.stdout)
+
+
+def cmd_adjudicate_export(args: argparse.Namespace) -> int:
+    from asyncrunner.results import adjudicate
+
+    ids = [require_uuid(i) for i in args.ids]
+    study_id = require_uuid(args.study, "study") if args.study else None
+    if study_id is None and not ids:
+        raise UsageError("adjudicate export needs experiment ids or --study STUDY_ID")
+    conn = _existing_db(args)
+    try:
+        with _writing(args.out):
+            summary = adjudicate.export_workbook(conn, ids, study_id=study_id, out=args.out)
+    finally:
+        conn.close()
+    say(summary)
+    return 0
+
+
+def cmd_adjudicate_import(args: argparse.Namespace) -> int:
+    from asyncrunner.results import adjudicate
+
+    conn = _existing_db(args)
+    try:
+        summary = adjudicate.import_workbook(conn, Path(args.workbook))
+    finally:
+        conn.close()
+    say(summary)
     return 0
 
 
@@ -254,6 +305,12 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=argparse.SUPPRESS,
                    help="SQLite database (default: $EXPERIMENTS_DB or data/experiments.db)")
+
+
+def _add_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", choices=("manual", "adjudicated"), default="manual",
+                   help="score against the manual labels, or the manual labels with the "
+                        "reviewers' decisions (adjudicate import) in their place")
 
 
 def _positive_int(text: str) -> int:
@@ -348,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list experiments, or show one")
     p.add_argument("experiment_id", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_labels(p)
     p.add_argument("--watch", type=_interval, metavar="SECONDS", help="refresh every SECONDS")
     _add_db(p)
     p.set_defaults(func=cmd_status)
@@ -366,15 +424,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment_id")
     p.add_argument("--out", type=_output_file,
                    help="output file (default: <output_dir>/<id>_report.html)")
+    _add_labels(p)
     _add_db(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="compare two experiments over the same narratives")
-    p.add_argument("first", metavar="ID1")
-    p.add_argument("second", metavar="ID2")
+    p = sub.add_parser("compare", help="leaderboard of two or more experiments, or a study")
+    p.add_argument("ids", nargs="*", metavar="ID", help="experiment ids")
+    p.add_argument("--study", metavar="STUDY_ID", help="every experiment of a study")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--html", type=_output_file, metavar="FILE",
+                   help="also write the leaderboard as HTML with a chart")
+    _add_labels(p)
     _add_db(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="run a grid of experiments (a study) from SWEEP.yaml")
+    p.add_argument("sweep", nargs="?", metavar="SWEEP.yaml")
+    p.add_argument("--resume", metavar="STUDY_ID", help="finish a study's unfinished cells")
+    p.add_argument("--workers", type=_positive_int, help="concurrent requests in flight")
+    _add_db(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("adjudicate", help="review workbook of disagreements, and back")
+    adjudicate = p.add_subparsers(dest="adjudicate_command", required=True, metavar="ACTION")
+    q = adjudicate.add_parser("export", help="write the review workbook (.xlsx)")
+    q.add_argument("ids", nargs="*", metavar="ID", help="experiment ids")
+    q.add_argument("--study", metavar="STUDY_ID", help="every experiment of a study")
+    q.add_argument("--out", type=_output_file, required=True, metavar="FILE.xlsx")
+    _add_db(q)
+    q.set_defaults(func=cmd_adjudicate_export, command="adjudicate-export")
+    q = adjudicate.add_parser("import", help="store a reviewed workbook's decisions")
+    q.add_argument("workbook", metavar="FILE.xlsx")
+    _add_db(q)
+    q.set_defaults(func=cmd_adjudicate_import, command="adjudicate-import")
 
     p = sub.add_parser("cancel", help="mark an experiment cancelled")
     p.add_argument("experiment_id")

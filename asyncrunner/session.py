@@ -134,8 +134,8 @@ def _warn_unknown_env(env: Mapping[str, str], cfg: Config) -> None:
 def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
     """A new run writes (its ingest, its record) into a database that may hold other
     experiments' results: copy it first, as a resume does."""
-    if d.intent is not Intent.NEW:
-        return None
+    if d.intent is not Intent.NEW or d.request.study is not None:
+        return None        # a study's cells: the sweep took one backup before the first
     if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is None:
         return None
     backup.check_disk(d.request.db_path, 0, with_backup=True)

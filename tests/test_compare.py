@@ -7,6 +7,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -236,7 +237,7 @@ def test_undefined_kappa_renders_dash_and_json_is_serialisable(
     assert data["mcnemar_b"] == data["mcnemar_c"] == 0
     assert data["mcnemar_method"] == METHOD_EXACT
     assert data["metrics_1"]["overall"]["n_tp"] == 3
-    assert set(data) >= {f for f in Comparison.__slots__}
+    assert set(data) >= {f.name for f in fields(Comparison)}
 
 
 def test_render_warns_on_different_data(conn: sqlite3.Connection) -> None:

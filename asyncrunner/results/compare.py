@@ -1,13 +1,17 @@
-"""`asyncrunner compare`: two experiments over the same narratives, side by side.
+"""Two experiments over the same narratives, side by side: the pairwise part of
+`asyncrunner compare` (leaderboard.py holds the rest).
 
-This module owns the comparison record (`Comparison`), gathering it (`compare`) and
-printing it (`render_text`, `to_json`); every figure in it comes from metrics.py.
+This module owns the pairing of two experiments (`Pairing`, `pairing`, `pairing_lines`),
+and the two-experiment comparison record built on it (`Comparison`, `compare`,
+`render_text`, `to_json`); every figure comes from metrics.py, but for the exact McNemar
+p, which is stats.py's (the same value, in well under a millisecond for any count).
 
 Results are paired on (incident_id, narrative_type) where neither experiment has an error.
 On the pairs: raw agreement and Cohen's kappa between the two experiments' answers. On the
-pairs that also carry a manual label: McNemar's test of whether the two differ in accuracy
-(b = only experiment 1 right, c = only experiment 2 right). Each experiment's own metric
-table (all of its scored results, metrics.metrics_report) is shown next to the other.
+pairs that also carry a label (manual, or adjudicated: labels.py): McNemar's test of
+whether the two differ in accuracy (b = only experiment 1 right, c = only experiment 2
+right). `Comparison` adds each experiment's own metric table (all of its scored results,
+metrics.metrics_report) and what its data file lost at ingest.
 """
 
 from __future__ import annotations
@@ -19,29 +23,33 @@ from typing import Any
 from asyncrunner.db import store
 from asyncrunner.db.drops import describe, drop_summary
 from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.results.labels import narrative_label_sql
 from asyncrunner.results.metrics import (
     EXACT_BELOW,
     OVERALL,
+    Agreement,
     Confusion,
     MetricsReport,
-    mcnemar_test,
+    PairedCounts,
+    mcnemar,
+    mcnemar_chi2,
     metrics_report,
-    paired_counts,
 )
+from asyncrunner.results.stats import mcnemar_exact
 
 
 @dataclass(frozen=True, slots=True)
-class Comparison:
+class Pairing:
+    """Two experiments' answers on the narratives both gave one (the JSON keys of
+    `compare --json` since its first version)."""
+
     experiment_1: str
     experiment_2: str
-    describe_1: str                # name, model, provider, temperature, prompt version
-    describe_2: str
-    same_data: bool                # both ran on the same data checksum
     n_paired: int                  # pairs where neither has an error
     n_agree: int
-    agreement: float
+    agreement: float | None        # None: not a single pair
     kappa: float | None            # None: undefined (expected agreement is 1)
-    n_labelled: int                # pairs with a manual label (McNemar's subset)
+    n_labelled: int                # pairs with one label (McNemar's subset)
     mcnemar_b: int                 # exp 1 correct, exp 2 wrong
     mcnemar_c: int                 # exp 1 wrong, exp 2 correct
     mcnemar_chi2: float | None     # continuity-corrected statistic; None when b + c == 0
@@ -50,6 +58,13 @@ class Comparison:
     mcnemar_statistic: float | None  # of the method used (None for the exact test)
     mcnemar_p: float               # of the method used
     mcnemar_method: str
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison(Pairing):
+    describe_1: str                # name, model, provider, temperature, prompt version
+    describe_2: str
+    same_data: bool                # both ran on the same data checksum
     metrics_1: MetricsReport
     metrics_2: MetricsReport
     # What each experiment's data file lost at ingest (db/drops.py); None: not recorded.
@@ -58,6 +73,59 @@ class Comparison:
 
 
 # --------------------------------------------------------------------------- data
+
+# A pair's label is the one both rows carry (both read it from the same load, or the same
+# reviewer's decision); a pair whose labels differ (e.g. the file was re-labelled between
+# runs) is left out of McNemar's test rather than scored against either (y is NULL then).
+_PAIRS_SQL = """
+SELECT COALESCE(SUM(d1 = 1 AND d2 = 1), 0), COALESCE(SUM(d1 = 1 AND d2 = 0), 0),
+       COALESCE(SUM(d1 = 0 AND d2 = 1), 0), COALESCE(SUM(d1 = 0 AND d2 = 0), 0),
+       COALESCE(SUM(y IS NOT NULL), 0),
+       COALESCE(SUM(d1 = y AND d2 != y), 0), COALESCE(SUM(d1 != y AND d2 = y), 0)
+FROM (
+  SELECT d1, d2, CASE WHEN y1 IS y2 THEN y1 END AS y FROM (
+    SELECT r1.detected AS d1, r2.detected AS d2, {label_1} AS y1, {label_2} AS y2
+    FROM narrative_results r1
+    JOIN narrative_results r2
+      ON r2.experiment_id = :second AND r2.incident_id = r1.incident_id
+     AND r2.narrative_type = r1.narrative_type
+    WHERE r1.experiment_id = :first
+      AND r1.error_occurred = 0 AND r2.error_occurred = 0
+      AND r1.detected IS NOT NULL AND r2.detected IS NOT NULL))
+"""
+
+
+def paired_counts(conn: sqlite3.Connection, first: str, second: str,
+                  labels: str = "manual") -> PairedCounts:
+    """Pair the two experiments' results on (incident_id, narrative_type) and count,
+    against `labels` ("manual" or "adjudicated")."""
+    sql = _PAIRS_SQL.format(
+        label_1=narrative_label_sql(labels, result="r1", checksum=":checksum_1"),
+        label_2=narrative_label_sql(labels, result="r2", checksum=":checksum_2"))
+    checksums = dict(conn.execute(
+        "SELECT experiment_id, data_checksum FROM experiments WHERE experiment_id IN (?, ?)",
+        (first, second)).fetchall())
+    params = {"first": first, "second": second, "checksum_1": checksums.get(first),
+              "checksum_2": checksums.get(second)}
+    n11, n10, n01, n00, n_labelled, b, c = (
+        int(v) for v in conn.execute(sql, params).fetchone())
+    return PairedCounts(Agreement(n11, n10, n01, n00), n_labelled, b, c)
+
+
+def pairing(conn: sqlite3.Connection, first: str, second: str,
+            labels: str = "manual") -> Pairing:
+    """Agreement, kappa and McNemar of two experiments (no pair at all is not an error
+    here: agreement is then None and McNemar's p 1)."""
+    counts = paired_counts(conn, first, second, labels)
+    table, b, c = counts.table, counts.b, counts.c
+    chi2, p_chi2 = mcnemar_chi2(b, c)
+    statistic, p, method = mcnemar(b, c)  # the exact branch only below EXACT_BELOW pairs
+    return Pairing(
+        experiment_1=first, experiment_2=second, n_paired=table.n, n_agree=table.n_agree,
+        agreement=table.agreement, kappa=table.kappa, n_labelled=counts.n_labelled,
+        mcnemar_b=b, mcnemar_c=c, mcnemar_chi2=chi2, mcnemar_p_chi2=p_chi2,
+        mcnemar_p_exact=mcnemar_exact(b, c), mcnemar_statistic=statistic, mcnemar_p=p,
+        mcnemar_method=method)
 
 
 def _describe(record: store.ExperimentRecord) -> str:
@@ -74,23 +142,16 @@ def _require(conn: sqlite3.Connection, experiment_id: str) -> store.ExperimentRe
 
 
 def compare(conn: sqlite3.Connection, id1: str, id2: str) -> Comparison:
+    """The two experiments against the manual labels (as metrics_report scores them)."""
     rec1, rec2 = _require(conn, id1), _require(conn, id2)
-    counts = paired_counts(conn, id1, id2)
-    table = counts.table
-    agreement = table.agreement
-    if agreement is None:  # not a single pair
+    pair = pairing(conn, id1, id2)
+    if pair.agreement is None:  # not a single pair
         raise UsageError(f"experiments {id1} and {id2} have no narrative that both "
                          "classified without an error; nothing to compare")
-    test = mcnemar_test(counts.b, counts.c)
     return Comparison(
-        experiment_1=id1, experiment_2=id2,
+        **asdict(pair),
         describe_1=_describe(rec1), describe_2=_describe(rec2),
         same_data=rec1.data_checksum == rec2.data_checksum,
-        n_paired=table.n, n_agree=table.n_agree, agreement=agreement,
-        kappa=table.kappa, n_labelled=counts.n_labelled,
-        mcnemar_b=test.b, mcnemar_c=test.c, mcnemar_chi2=test.chi2,
-        mcnemar_p_chi2=test.p_chi2, mcnemar_p_exact=test.p_exact,
-        mcnemar_statistic=test.statistic, mcnemar_p=test.p, mcnemar_method=test.method,
         metrics_1=metrics_report(conn, id1), metrics_2=metrics_report(conn, id2),
         dropped_1=drop_summary(conn, rec1.data_checksum),
         dropped_2=drop_summary(conn, rec2.data_checksum),
@@ -100,11 +161,13 @@ def compare(conn: sqlite3.Connection, id1: str, id2: str) -> Comparison:
 # --------------------------------------------------------------------------- output
 
 
-def _f(value: float | None, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A figure to `digits` decimals; "-" when undefined."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _p(value: float | None) -> str:
+def fmt_p(value: float | None) -> str:
+    """A p-value to three significant digits, in exponent form below 1e-4."""
     if value is None:
         return "-"
     return f"{value:.3g}" if value >= 1e-4 else f"{value:.2e}"
@@ -116,7 +179,7 @@ _METRIC_COLS = ("n", "precision", "recall", "f1", "accuracy")
 def _metric_cells(m: Confusion | None) -> str:
     if m is None:
         return "  ".join(f"{'':>6}" if k != "n" else f"{'':>5}" for k in _METRIC_COLS)
-    return "  ".join([f"{m.n:>5}"] + [f"{_f(v):>6}"
+    return "  ".join([f"{m.n:>5}"] + [f"{fmt(v):>6}"
                                      for v in (m.precision, m.recall, m.f1, m.accuracy)])
 
 
@@ -132,9 +195,23 @@ def _metrics_lines(c: Comparison) -> list[str]:
     return lines
 
 
+def pairing_lines(p: Pairing) -> list[str]:
+    """Agreement, kappa and McNemar's test, as `compare` has always printed them."""
+    chi2 = (f"chi2 = {fmt(p.mcnemar_chi2, 4)}, p = {fmt_p(p.mcnemar_p_chi2)}"
+            if p.mcnemar_chi2 is not None else "chi2 = - (no discordant pairs)")
+    return [
+        f"paired narratives (no error in either)  {p.n_paired}",
+        f"agreement      {fmt(p.agreement)} ({p.n_agree}/{p.n_paired})",
+        f"Cohen's kappa  {fmt(p.kappa)}",
+        (f"McNemar on {p.n_labelled} labelled pairs: b = {p.mcnemar_b} (only exp 1 correct), "
+         f"c = {p.mcnemar_c} (only exp 2 correct)"),
+        f"  {chi2}; exact binomial p = {fmt_p(p.mcnemar_p_exact)}",
+        (f"  used: {p.mcnemar_method}, p = {fmt_p(p.mcnemar_p)}"
+         f" (exact when b + c < {EXACT_BELOW})"),
+    ]
+
+
 def render_text(c: Comparison) -> str:
-    chi2 = (f"chi2 = {_f(c.mcnemar_chi2, 4)}, p = {_p(c.mcnemar_p_chi2)}"
-            if c.mcnemar_chi2 is not None else "chi2 = - (no discordant pairs)")
     lines = [
         f"experiment 1  {c.experiment_1}  {c.describe_1}",
         f"experiment 2  {c.experiment_2}  {c.describe_2}",
@@ -142,14 +219,7 @@ def render_text(c: Comparison) -> str:
     if not c.same_data:
         lines.append("warning: the experiments ran on different data (checksums differ)")
     lines += [
-        f"paired narratives (no error in either)  {c.n_paired}",
-        f"agreement      {c.agreement:.3f} ({c.n_agree}/{c.n_paired})",
-        f"Cohen's kappa  {_f(c.kappa)}",
-        (f"McNemar on {c.n_labelled} labelled pairs: b = {c.mcnemar_b} (only exp 1 correct), "
-         f"c = {c.mcnemar_c} (only exp 2 correct)"),
-        f"  {chi2}; exact binomial p = {_p(c.mcnemar_p_exact)}",
-        (f"  used: {c.mcnemar_method}, p = {_p(c.mcnemar_p)}"
-         f" (exact when b + c < {EXACT_BELOW})"),
+        *pairing_lines(c),
         "metrics (each experiment's own scored results, labelled and error-free)",
         *_metrics_lines(c),
         *_dropped_lines(c),
@@ -169,9 +239,14 @@ def _dropped_lines(c: Comparison) -> list[str]:
             f"  experiment 2: {second[0]}", *(f"    {line}" for line in second[1:])]
 
 
+def pairing_json(p: Pairing) -> dict[str, Any]:
+    """The dataclass fields, flat, plus the threshold that chose the McNemar method."""
+    return asdict(p) | {"mcnemar_exact_below": EXACT_BELOW}
+
+
 def to_json(c: Comparison) -> dict[str, Any]:
     """The comparison as a JSON-ready dict: the dataclass fields, flat, each metric table
     as metrics_json stores it, plus the threshold that chose the McNemar method (interval
     tuples become lists once serialised)."""
-    return asdict(c) | {"metrics_1": c.metrics_1.to_dict(), "metrics_2": c.metrics_2.to_dict(),
-                        "mcnemar_exact_below": EXACT_BELOW}
+    return pairing_json(c) | {"metrics_1": c.metrics_1.to_dict(),
+                              "metrics_2": c.metrics_2.to_dict()}

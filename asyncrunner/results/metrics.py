@@ -7,17 +7,24 @@ This module owns:
 * an experiment's `MetricsReport` (overall, per narrative type, and what was not scored),
   read from `narrative_results`, whose `to_dict()` is the JSON stored in
   `experiments.metrics_json` and printed by `status --json`;
+* the same at the level of cases (`case_metrics`: a case is detected when any of its
+  narratives answered without an error is), and how many reviewer decisions an
+  experiment's labels take in (`label_decisions`);
 * agreement between two experiments on the narratives both classified (`Agreement`:
   raw agreement and Cohen's kappa) and McNemar's test of their accuracy (`McNemarResult`),
   read from `narrative_results` by `paired_counts`.
 
-A result is *scored* when it has no error, an answer (`detected`) and a manual label;
-errors and unlabelled results are counted, never scored.
+A result is *scored* when it has no error, an answer (`detected`) and a label; errors and
+unlabelled results are counted, never scored. Every reader takes `labels`: "manual" (the
+default: the labels of the input file, stored with each result) or "adjudicated" (those
+with the reviewers' decisions in their place); labels.py writes the SQL of either. The
+metrics_json that finalize stores is always the manual one.
 
-Everything but the two readers is a pure function of counts. Pure Python (math.erfc,
-math.comb): the statistics are few and their exact formulas short, so scipy would be a
-heavy dependency for nothing. The formulas are kept operation for operation as they were
-first written, so figures already stored in databases are reproduced to the last bit.
+Everything but the readers is a pure function of counts. Pure Python (math.erfc): the
+statistics are few and their formulas short, so scipy would be a heavy dependency for
+nothing; the exact McNemar p is stats.py's, so there is one implementation of it. The
+formulas are kept operation for operation as they were first written, so figures already
+stored in databases are reproduced to the last bit.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from asyncrunner.results import stats
+from asyncrunner.results.labels import ADJUDICATED, case_label_sql, narrative_label_sql
 
 Interval = tuple[float, float]
 
@@ -185,35 +195,126 @@ class MetricsReport:
         )
 
 
+def data_checksum(conn: sqlite3.Connection, experiment_id: str) -> str | None:
+    """The experiment's data checksum: the load whose reviewer decisions apply to it."""
+    row = conn.execute("SELECT data_checksum FROM experiments WHERE experiment_id = ?",
+                       (experiment_id,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def _params(conn: sqlite3.Connection, experiment_id: str, labels: str) -> dict[str, Any]:
+    """Named parameters of every reader's SQL (the checksum is only read when needed)."""
+    return {"experiment_id": experiment_id,
+            "checksum": data_checksum(conn, experiment_id) if labels != "manual" else None}
+
+
 # One pass over the experiment's rows, grouped by type; the overall row is their sum. Every
 # type with a stored result gets a row, even one with nothing scored (n = 0), as before.
+# {label} is the result's label (labels.py), y.
 _REPORT_SQL = """
 SELECT narrative_type,
-  COALESCE(SUM(error_occurred = 0 AND detected = 1 AND manual_flag_ind = 1), 0),
-  COALESCE(SUM(error_occurred = 0 AND detected = 1 AND manual_flag_ind = 0), 0),
-  COALESCE(SUM(error_occurred = 0 AND detected = 0 AND manual_flag_ind = 0), 0),
-  COALESCE(SUM(error_occurred = 0 AND detected = 0 AND manual_flag_ind = 1), 0),
+  COALESCE(SUM(error_occurred = 0 AND detected = 1 AND y = 1), 0),
+  COALESCE(SUM(error_occurred = 0 AND detected = 1 AND y = 0), 0),
+  COALESCE(SUM(error_occurred = 0 AND detected = 0 AND y = 0), 0),
+  COALESCE(SUM(error_occurred = 0 AND detected = 0 AND y = 1), 0),
   COALESCE(SUM(error_occurred = 1), 0),
-  COALESCE(SUM(error_occurred = 0 AND manual_flag_ind IS NULL), 0)
-FROM narrative_results
-WHERE experiment_id = ?
+  COALESCE(SUM(error_occurred = 0 AND y IS NULL), 0)
+FROM (SELECT r.narrative_type, r.error_occurred, r.detected, {label} AS y
+      FROM narrative_results r WHERE r.experiment_id = :experiment_id)
 GROUP BY narrative_type
 ORDER BY narrative_type
 """
 
 
-def metrics_report(conn: sqlite3.Connection, experiment_id: str) -> MetricsReport:
-    """The experiment's figures, from the database alone (the same after any resume)."""
+def metrics_report(conn: sqlite3.Connection, experiment_id: str, *,
+                   labels: str = "manual") -> MetricsReport:
+    """The experiment's figures against `labels`, from the database alone (the same after
+    any resume)."""
+    sql = _REPORT_SQL.format(label=narrative_label_sql(labels))
     per_type: list[tuple[str, Confusion]] = []
     overall, unscored = Confusion(), Unscored()
     for name, tp, fp, tn, fn, errors, unlabelled in conn.execute(
-            _REPORT_SQL, (experiment_id,)):
+            sql, _params(conn, experiment_id, labels)):
         confusion = Confusion(int(tp), int(fp), int(tn), int(fn))
         per_type.append((name, confusion))
         overall += confusion
         unscored = Unscored(unscored.errors + int(errors),
                             unscored.unlabelled + int(unlabelled))
     return MetricsReport(overall, tuple(per_type), unscored)
+
+
+@dataclass(frozen=True, slots=True)
+class CaseMetrics:
+    """Cases (incidents) as a 2x2 table: a case is detected when any of its narratives
+    answered without an error is, and is left out when none did. Its truth is the case
+    label; cases whose rows carry different case labels are counted, never scored."""
+
+    confusion: Confusion
+    unlabelled: int = 0   # cases with an answer but no case label
+    conflicts: int = 0    # cases whose rows disagree on the case label
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.confusion.to_dict() | {"unlabelled": self.unlabelled,
+                                           "conflicting_labels": self.conflicts}
+
+
+# Per case: the highest answer of its error-free narratives, and its lowest and highest
+# case label (equal unless the data disagree with itself).
+_CASE_SQL = """
+SELECT predicted, low, high, COUNT(*) FROM (
+  SELECT MAX(CASE WHEN r.error_occurred = 0 THEN r.detected END) AS predicted,
+         MIN({label}) AS low, MAX({label}) AS high
+  FROM narrative_results r WHERE r.experiment_id = :experiment_id
+  GROUP BY r.incident_id)
+WHERE predicted IS NOT NULL
+GROUP BY 1, 2, 3
+"""
+
+
+def case_metrics(conn: sqlite3.Connection, experiment_id: str, *,
+                 labels: str = "manual") -> CaseMetrics:
+    """The experiment's figures over cases, against `labels` (labels.case_label_sql)."""
+    cells: Counter[tuple[int, int]] = Counter()
+    unlabelled = conflicts = 0
+    sql = _CASE_SQL.format(label=case_label_sql(labels))
+    for predicted, low, high, n in conn.execute(sql, _params(conn, experiment_id, labels)):
+        if low is None:
+            unlabelled += int(n)
+        elif low != high:
+            conflicts += int(n)
+        else:
+            cells[(int(predicted), int(low))] += int(n)
+    confusion = Confusion(tp=cells[(1, 1)], fp=cells[(1, 0)], tn=cells[(0, 0)],
+                          fn=cells[(0, 1)])
+    return CaseMetrics(confusion, unlabelled, conflicts)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelDecisions:
+    """Reviewer decisions (label set 'adjudicated') that apply to an experiment's results:
+    how many, and how many of them differ from the manual label they replace."""
+
+    applied: int = 0
+    changed: int = 0
+
+
+_DECISIONS_SQL = f"""
+SELECT COUNT(*), COALESCE(SUM(l.label IS NOT r.manual_flag_ind), 0)
+FROM narrative_results r
+JOIN label_sets l
+  ON l.label_set = '{ADJUDICATED}' AND l.data_checksum = :checksum
+ AND l.incident_id = r.incident_id AND l.narrative_type = r.narrative_type
+WHERE r.experiment_id = :experiment_id
+"""
+
+
+def label_decisions(conn: sqlite3.Connection, experiment_id: str) -> LabelDecisions:
+    """The decisions `labels="adjudicated"` puts in place of this experiment's manual labels
+    (decisions on narratives it has no result for are not counted)."""
+    applied, changed = conn.execute(
+        _DECISIONS_SQL, {"experiment_id": experiment_id,
+                         "checksum": data_checksum(conn, experiment_id)}).fetchone()
+    return LabelDecisions(int(applied), int(changed))
 
 
 # --------------------------------------------------------------------------- two experiments
@@ -281,11 +382,9 @@ def mcnemar_chi2(b: int, c: int) -> tuple[float | None, float | None]:
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact p: under H0 the discordant pairs split Binomial(b+c, 1/2).
-    Integer arithmetic until the final division, so large b+c loses no precision."""
-    n = b + c
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
-    outcomes: int = 2 ** n  # equally likely splits of n pairs
-    return min(1.0, 2 * tail / outcomes)
+    stats.mcnemar_exact computes it (exact integers up to 20,000 pairs, log space above),
+    so it takes well under a millisecond for any count."""
+    return stats.mcnemar_exact(b, c)
 
 
 def mcnemar(b: int, c: int) -> tuple[float | None, float, str]:
@@ -328,19 +427,21 @@ class PairedCounts:
     c: int            # labelled pairs only experiment 2 got right
 
 
-# Labels come from the source file, so both rows of a pair carry the same one; a pair whose
-# labels differ (e.g. the file was re-labelled between runs) is left out of McNemar's test
-# rather than scored against either label (y is NULL, so every comparison with it is too).
+# Labels come from the source file (or a reviewer's decision on its load), so both rows of a
+# pair carry the same one; a pair whose labels differ (e.g. the file was re-labelled between
+# runs) is left out of McNemar's test rather than scored against either label (y is NULL,
+# so every comparison with it is too).
 _PAIRS_SQL = """
-WITH pairs AS (
-  SELECT r1.detected AS d1, r2.detected AS d2,
-         CASE WHEN r1.manual_flag_ind IS r2.manual_flag_ind THEN r1.manual_flag_ind END AS y
+WITH labelled AS (
+  SELECT r1.detected AS d1, r2.detected AS d2, {label_1} AS y1, {label_2} AS y2
   FROM narrative_results r1
   JOIN narrative_results r2
     ON r2.incident_id = r1.incident_id AND r2.narrative_type = r1.narrative_type
-  WHERE r1.experiment_id = ? AND r2.experiment_id = ?
+  WHERE r1.experiment_id = :id1 AND r2.experiment_id = :id2
     AND r1.error_occurred = 0 AND r2.error_occurred = 0
     AND r1.detected IS NOT NULL AND r2.detected IS NOT NULL
+), pairs AS (
+  SELECT d1, d2, CASE WHEN y1 IS y2 THEN y1 END AS y FROM labelled
 )
 SELECT COALESCE(SUM(d1 = 1 AND d2 = 1), 0), COALESCE(SUM(d1 = 1 AND d2 = 0), 0),
        COALESCE(SUM(d1 = 0 AND d2 = 1), 0), COALESCE(SUM(d1 = 0 AND d2 = 0), 0),
@@ -350,8 +451,17 @@ FROM pairs
 """
 
 
-def paired_counts(conn: sqlite3.Connection, id1: str, id2: str) -> PairedCounts:
-    """Pair the two experiments' results on (incident_id, narrative_type) and count."""
+def paired_counts(conn: sqlite3.Connection, id1: str, id2: str, *,
+                  labels: str = "manual") -> PairedCounts:
+    """Pair the two experiments' results on (incident_id, narrative_type) and count,
+    against `labels` (each result's own, from its experiment's load)."""
+    sql = _PAIRS_SQL.format(
+        label_1=narrative_label_sql(labels, result="r1", checksum=":checksum1"),
+        label_2=narrative_label_sql(labels, result="r2", checksum=":checksum2"))
+    manual = labels == "manual"
+    params = {"id1": id1, "id2": id2,
+              "checksum1": None if manual else data_checksum(conn, id1),
+              "checksum2": None if manual else data_checksum(conn, id2)}
     n11, n10, n01, n00, n_labelled, b, c = (
-        int(v) for v in conn.execute(_PAIRS_SQL, (id1, id2)).fetchone())
+        int(v) for v in conn.execute(sql, params).fetchone())
     return PairedCounts(Agreement(n11, n10, n01, n00), n_labelled, b, c)

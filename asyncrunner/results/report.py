@@ -1,7 +1,14 @@
 """`asyncrunner report`: one self-contained HTML file describing an experiment.
 
 This module owns the report: what it shows, its charts and writing the file. Its figures
-(confusion matrix, metrics table, error count) are metrics.py's `MetricsReport`.
+(confusion matrices, metrics table, error count) are metrics.py's `MetricsReport`; beside
+them, the error analysis: calibration with the Brier score, the indicators the model gave
+most often for its true and its false positives, and how many outputs were cut off or
+needed a repair turn or a resample.
+
+Every figure that needs a label is scored against `labels`: "manual" (the input file's, the
+default) or "adjudicated" (those with the reviewers' decisions in their place, labels.py);
+the header and the summary say which, and how many decisions that took in.
 
 The file must open anywhere, offline and years later, so everything is inline: CSS in a
 <style> element and every chart a base64 PNG in a data: URI (no CDN, no web fonts, no
@@ -16,58 +23,74 @@ in one line (UsageError) and every other command, this module's import included,
 What the report never contains: narrative text (it is not even selected — results rows carry
 only ids, labels and the model's answer) and any secret (the stored config names the API key
 variable, never its value; the summary shows neither). Everything that came from a model or a
-data file is passed through html.escape, because rationales are untrusted text.
+data file is passed through html.escape, because rationales and indicators are untrusted
+text, and is capped in length (`cap_answer`).
 
 Reads only; safe to run while an experiment is still going (WAL readers never block).
 Memory and time do not grow with the number of results beyond SQLite's own work: every
 chart is drawn from SQL aggregates (histogram and calibration bins, per-minute counts and
-latency percentiles), never from the result rows themselves, and the disagreements table
-reads at most `ANSWER_CAP` characters of any one answer.
+latency percentiles, indicator counts), never from the result rows themselves, and the
+tables read at most `ANSWER_CAP` characters of any one answer (`INDICATOR_CAP` of one
+indicator).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
-import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from asyncrunner.db import store
 from asyncrunner.errors import RefusedError, UsageError
-from asyncrunner.results.metrics import Confusion, Interval, MetricsReport, metrics_report
+from asyncrunner.results.html import CSS as _CSS
+from asyncrunner.results.html import (
+    NEGATIVE_COLOUR,
+    POSITIVE_COLOUR,
+    require_matplotlib,
+)
+from asyncrunner.results.html import esc as _esc
+from asyncrunner.results.html import figure as _figure
+from asyncrunner.results.html import note as _note
+from asyncrunner.results.html import png_img as _png_img
+from asyncrunner.results.html import section as _section
+from asyncrunner.results.html import table as _table
+from asyncrunner.results.html import write_atomic as _write_atomic
+from asyncrunner.results.labels import LABEL_SETS, narrative_label_sql
+from asyncrunner.results.metrics import (
+    Confusion,
+    Interval,
+    LabelDecisions,
+    MetricsReport,
+    data_checksum,
+    label_decisions,
+    metrics_report,
+)
 from asyncrunner.vocab import Status
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 N_CALIBRATION_BINS = 10
 N_CONFIDENCE_BINS = 20
 N_DISAGREEMENTS = 20
 ANSWER_CAP = 2000  # characters of one answer (rationale) the disagreements table shows
+N_INDICATORS = 10  # most frequent indicators shown for true and for false positives
+INDICATOR_CAP = 200  # characters of one indicator the report shows
 LATENCY_PERCENTILES = (50, 90, 99)
-FIG_DPI = 100
 
-POSITIVE_COLOUR = "#c0392b"
-NEGATIVE_COLOUR = "#2471a3"
 
-MATPLOTLIB_MISSING = "the HTML report needs matplotlib: pip install 'asyncrunner[report]'"
 
 
 @dataclass(frozen=True, slots=True)
 class ConfidenceHistogram:
-    """Scored results with a manual label, counted per equal-width confidence bin."""
+    """Scored results with a label, counted per equal-width confidence bin."""
 
     edges: tuple[float, ...]
-    positive: tuple[int, ...]   # manual label 1, per bin
-    negative: tuple[int, ...]   # manual label 0, per bin
+    positive: tuple[int, ...]   # label 1, per bin
+    negative: tuple[int, ...]   # label 0, per bin
 
     @property
     def n(self) -> int:
@@ -93,28 +116,139 @@ class CalibrationBin:
     observed_rate: float
 
 
+@dataclass(frozen=True, slots=True)
+class BrierScore:
+    """Mean squared difference between p(detected) and the label (0 or 1) over the results
+    the calibration curve uses: 0 is perfect. `reference` is the score of always
+    answering the base rate, so `skill` > 0 means better than knowing only the base rate."""
+
+    n: int
+    score: float | None       # None when nothing is scored
+    base_rate: float | None   # share of label 1 among the n
+
+    @property
+    def reference(self) -> float | None:
+        return None if self.base_rate is None else self.base_rate * (1 - self.base_rate)
+
+    @property
+    def skill(self) -> float | None:
+        """1 - score / reference; None when the labels are all one class (reference 0)."""
+        reference = self.reference
+        if self.score is None or not reference:
+            return None
+        return 1 - self.score / reference
+
+
+@dataclass(frozen=True, slots=True)
+class IndicatorCounts:
+    """The indicators (model output, capped) most often given by true and by false
+    positives: (indicator, results naming it), most frequent first."""
+
+    n_tp: int
+    n_fp: int
+    tp: tuple[tuple[str, int], ...]
+    fp: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputQuality:
+    """How the answers came about: outputs cut off at max_tokens (finish_reason 'length',
+    over every result, since a cut-off output often fails to parse) and answers that took a
+    repair turn or a resample (answer_source, over the answers)."""
+
+    results: int            # every stored result
+    answers: int            # results without an error
+    truncated: int          # finish_reason 'length'
+    truncated_answers: int  # of those, ones that still gave an answer
+    repaired: int           # answer_source 'repair'
+    resampled: int          # answer_source 'resample'
+
+    @property
+    def truncated_share(self) -> float | None:
+        return self.truncated / self.results if self.results else None
+
+    @property
+    def second_chance(self) -> int:
+        return self.repaired + self.resampled
+
+    @property
+    def second_chance_share(self) -> float | None:
+        return self.second_chance / self.answers if self.answers else None
+
+
 # --------------------------------------------------------------------------- data access
 
 
+# Every query below that reads a label names it {label}: labels.py's SQL for the result
+# row `r`, with the experiment's data checksum as :checksum (see _params).
+
 # Scored: no error and an answer. Bins are equal-width; the top edge (1.0) is in the last bin.
 _CONFIDENCE_SQL = """
-SELECT manual_flag_ind, MIN(CAST(confidence * :bins AS INTEGER), :bins - 1), COUNT(*)
-FROM narrative_results
-WHERE experiment_id = :id AND error_occurred = 0 AND detected IS NOT NULL
-  AND confidence >= 0 AND confidence <= 1 AND manual_flag_ind IN (0, 1)
+SELECT y, MIN(CAST(confidence * :bins AS INTEGER), :bins - 1), COUNT(*)
+FROM (SELECT r.confidence, {label} AS y FROM narrative_results r
+      WHERE r.experiment_id = :id AND r.error_occurred = 0 AND r.detected IS NOT NULL
+        AND r.confidence >= 0 AND r.confidence <= 1)
+WHERE y IN (0, 1)
 GROUP BY 1, 2
 """
 
-# p(detected): the confidence (clamped to 0..1) when the model said detected, else 1 - it.
-_CALIBRATION_SQL = """
-SELECT MIN(CAST(p * :bins AS INTEGER), :bins - 1) AS bin, COUNT(*), AVG(p),
-       AVG(CASE WHEN manual_flag_ind THEN 1.0 ELSE 0.0 END)
-FROM (SELECT CASE WHEN detected THEN c ELSE 1.0 - c END AS p, manual_flag_ind
-      FROM (SELECT MIN(1.0, MAX(0.0, confidence)) AS c, detected, manual_flag_ind
-            FROM narrative_results
-            WHERE experiment_id = :id AND error_occurred = 0 AND detected IS NOT NULL
-              AND confidence IS NOT NULL AND manual_flag_ind IS NOT NULL))
+# p(detected): the confidence (clamped to 0..1) when the model said detected, else 1 - it;
+# y: the label as 0.0 or 1.0. Labelled, scored results with a confidence only.
+_P_DETECTED_SQL = """
+SELECT CASE WHEN detected THEN c ELSE 1.0 - c END AS p,
+       CASE WHEN label THEN 1.0 ELSE 0.0 END AS y
+FROM (SELECT MIN(1.0, MAX(0.0, r.confidence)) AS c, r.detected, {label} AS label
+      FROM narrative_results r
+      WHERE r.experiment_id = :id AND r.error_occurred = 0 AND r.detected IS NOT NULL
+        AND r.confidence IS NOT NULL)
+WHERE label IS NOT NULL
+"""
+
+_CALIBRATION_SQL = f"""
+SELECT MIN(CAST(p * :bins AS INTEGER), :bins - 1) AS bin, COUNT(*), AVG(p), AVG(y)
+FROM ({_P_DETECTED_SQL})
 GROUP BY bin ORDER BY bin
+"""
+
+_BRIER_SQL = f"""
+SELECT COUNT(*), AVG((p - y) * (p - y)), AVG(y) FROM ({_P_DETECTED_SQL})
+"""
+
+# Per indicator: how many of the chosen results (true or false positives) name it. Stored
+# indicators that are not a JSON array are skipped (the nested CASE keeps json_each from
+# ever seeing malformed JSON); non-string items and blank strings are skipped; an
+# indicator named twice in one answer counts once. Only INDICATOR_CAP + 1 characters of an
+# indicator leave SQLite.
+_INDICATORS_SQL = """
+SELECT substr(k, 1, :cap + 1), length(k), n FROM (
+  SELECT trim(j.value) AS k, COUNT(DISTINCT s.result_id) AS n
+  FROM (SELECT r.result_id,
+               COALESCE(CASE WHEN json_valid(r.indicators) THEN
+                          CASE WHEN json_type(r.indicators) = 'array' THEN r.indicators END
+                        END, '[]') AS indicators
+        FROM narrative_results r
+        WHERE r.experiment_id = :id AND r.error_occurred = 0 AND r.detected = 1
+          AND {label} = :y) s,
+       json_each(s.indicators) j
+  WHERE j.type = 'text' AND trim(j.value) != ''
+  GROUP BY k ORDER BY n DESC, k LIMIT :limit)
+ORDER BY n DESC, k
+"""
+
+# True positives (y = 1) and false positives (y = 0) among the answers.
+_POSITIVES_SQL = """
+SELECT COALESCE(SUM(y = 1), 0), COALESCE(SUM(y = 0), 0)
+FROM (SELECT {label} AS y FROM narrative_results r
+      WHERE r.experiment_id = :id AND r.error_occurred = 0 AND r.detected = 1)
+"""
+
+_OUTPUT_SQL = """
+SELECT COUNT(*), COALESCE(SUM(error_occurred = 0), 0),
+       COALESCE(SUM(finish_reason = 'length'), 0),
+       COALESCE(SUM(finish_reason = 'length' AND error_occurred = 0), 0),
+       COALESCE(SUM(error_occurred = 0 AND answer_source = 'repair'), 0),
+       COALESCE(SUM(error_occurred = 0 AND answer_source = 'resample'), 0)
+FROM narrative_results WHERE experiment_id = ?
 """
 
 # Per-result times are UTC ISO-8601 ('...THH:MM:SS.ffffffZ'): their first 16 characters
@@ -142,14 +276,28 @@ GROUP BY minute
 # Ties on confidence are broken by id so the same database always gives the same report.
 # Only the first ANSWER_CAP + 1 characters of a rationale are read (the +1 shows it was cut).
 _DISAGREEMENTS_SQL = """
-SELECT incident_id, narrative_type, detected, manual_flag_ind, confidence,
+SELECT incident_id, narrative_type, detected, y, confidence,
        substr(rationale, 1, :cap + 1), length(rationale)
-FROM narrative_results
-WHERE experiment_id = :id AND error_occurred = 0 AND manual_flag_ind IS NOT NULL
-  AND detected IS NOT NULL AND detected != manual_flag_ind
+FROM (SELECT r.incident_id, r.narrative_type, r.detected, {label} AS y, r.confidence,
+             r.rationale
+      FROM narrative_results r
+      WHERE r.experiment_id = :id AND r.error_occurred = 0 AND r.detected IS NOT NULL)
+WHERE y IS NOT NULL AND detected != y
 ORDER BY confidence IS NULL, confidence DESC, incident_id, narrative_type
 LIMIT :limit
 """
+
+
+def _params(conn: sqlite3.Connection, experiment_id: str, labels: str,
+            **extra: Any) -> dict[str, Any]:
+    """Named parameters of a query with a {label}: the experiment id as :id and its data
+    checksum as :checksum (read only for the adjudicated labels)."""
+    checksum = data_checksum(conn, experiment_id) if labels != "manual" else None
+    return {"id": experiment_id, "checksum": checksum, **extra}
+
+
+def _label_sql(labels: str) -> str:
+    return narrative_label_sql(labels, result="r", checksum=":checksum")
 
 
 def parse_utc(text: str | None) -> datetime | None:
@@ -165,24 +313,62 @@ def parse_utc(text: str | None) -> datetime | None:
 
 
 def confidence_histogram(conn: sqlite3.Connection, experiment_id: str,
-                         n_bins: int = N_CONFIDENCE_BINS) -> ConfidenceHistogram:
+                         n_bins: int = N_CONFIDENCE_BINS, *,
+                         labels: str = "manual") -> ConfidenceHistogram:
     counts = {0: [0] * n_bins, 1: [0] * n_bins}
-    for label, index, n in conn.execute(_CONFIDENCE_SQL, {"id": experiment_id,
-                                                          "bins": n_bins}):
+    for label, index, n in conn.execute(
+            _CONFIDENCE_SQL.format(label=_label_sql(labels)),
+            _params(conn, experiment_id, labels, bins=n_bins)):
         counts[int(label)][int(index)] += int(n)
     return ConfidenceHistogram(edges=tuple(i / n_bins for i in range(n_bins + 1)),
                                positive=tuple(counts[1]), negative=tuple(counts[0]))
 
 
 def calibration_bins(conn: sqlite3.Connection, experiment_id: str,
-                     n_bins: int = N_CALIBRATION_BINS) -> list[CalibrationBin]:
+                     n_bins: int = N_CALIBRATION_BINS, *,
+                     labels: str = "manual") -> list[CalibrationBin]:
     """Equal-width bins of p(detected) over labelled, scored results; empty bins skipped."""
     return [
         CalibrationBin(lower=index / n_bins, upper=(index + 1) / n_bins, n=int(n),
                        mean_predicted=float(mean_p), observed_rate=float(observed))
         for index, n, mean_p, observed in conn.execute(
-            _CALIBRATION_SQL, {"id": experiment_id, "bins": n_bins})
+            _CALIBRATION_SQL.format(label=_label_sql(labels)),
+            _params(conn, experiment_id, labels, bins=n_bins))
     ]
+
+
+def brier_score(conn: sqlite3.Connection, experiment_id: str, *,
+                labels: str = "manual") -> BrierScore:
+    """The Brier score of p(detected) against the label, over the calibration's results."""
+    n, score, base_rate = conn.execute(_BRIER_SQL.format(label=_label_sql(labels)),
+                                       _params(conn, experiment_id, labels)).fetchone()
+    if not n:
+        return BrierScore(0, None, None)
+    return BrierScore(int(n), float(score), float(base_rate))
+
+
+def top_indicators(conn: sqlite3.Connection, experiment_id: str, *, labels: str = "manual",
+                   limit: int = N_INDICATORS) -> IndicatorCounts:
+    """The `limit` indicators most often given by true positives and by false positives
+    (ties by text), each capped at `INDICATOR_CAP` characters."""
+    label = _label_sql(labels)
+
+    def top(y: int) -> tuple[tuple[str, int], ...]:
+        rows = conn.execute(_INDICATORS_SQL.format(label=label),
+                            _params(conn, experiment_id, labels, y=y, cap=INDICATOR_CAP,
+                                    limit=limit))
+        return tuple((cap_answer(text, length, cap=INDICATOR_CAP) or "", int(n))
+                     for text, length, n in rows)
+
+    n_tp, n_fp = conn.execute(_POSITIVES_SQL.format(label=label),
+                              _params(conn, experiment_id, labels)).fetchone()
+    return IndicatorCounts(int(n_tp), int(n_fp), top(1), top(0))
+
+
+def output_quality(conn: sqlite3.Connection, experiment_id: str) -> OutputQuality:
+    """Outputs cut off at max_tokens, and answers after a repair turn or a resample."""
+    row = conn.execute(_OUTPUT_SQL, (experiment_id,)).fetchone()
+    return OutputQuality(*(int(v) for v in row))
 
 
 def minute_stats(conn: sqlite3.Connection, experiment_id: str) -> list[MinuteStats]:
@@ -206,58 +392,33 @@ def minute_stats(conn: sqlite3.Connection, experiment_id: str) -> list[MinuteSta
 
 
 def top_disagreements(conn: sqlite3.Connection, experiment_id: str,
-                      limit: int = N_DISAGREEMENTS) -> list[tuple[Any, ...]]:
+                      limit: int = N_DISAGREEMENTS, *,
+                      labels: str = "manual") -> list[tuple[Any, ...]]:
     """The most confident disagreements; each rationale capped at `ANSWER_CAP` characters
     (a longer one ends with a note of its full length)."""
     rows = []
     for *head, rationale, length in conn.execute(
-            _DISAGREEMENTS_SQL, {"id": experiment_id, "cap": ANSWER_CAP, "limit": limit}):
+            _DISAGREEMENTS_SQL.format(label=_label_sql(labels)),
+            _params(conn, experiment_id, labels, cap=ANSWER_CAP, limit=limit)):
         rows.append((*head, cap_answer(rationale, length)))
     return rows
 
 
-def cap_answer(text: str | None, length: int | None = None) -> str | None:
-    """At most ANSWER_CAP characters of an answer, saying so when it was longer."""
+def cap_answer(text: str | None, length: int | None = None, *,
+               cap: int = ANSWER_CAP) -> str | None:
+    """At most `cap` characters of an answer, saying so when it was longer."""
     if text is None:
         return None
     full = len(text) if length is None else int(length)
-    if full <= ANSWER_CAP:
+    if full <= cap:
         return text
-    return f"{text[:ANSWER_CAP]} [... {full - ANSWER_CAP} more characters not shown]"
+    return f"{text[:cap]} [... {full - cap} more characters not shown]"
 
 
 # --------------------------------------------------------------------------- charts
 
 
-def require_matplotlib() -> None:
-    """Raise UsageError (one line, exit 2) when the optional charting extra is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(MATPLOTLIB_MISSING) from None
-
-
-def _figure(width: float = 6.4, height: float = 3.6) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=FIG_DPI, layout="constrained")
-    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: no pyplot, no GUI backend
-    return fig
-
-
-def _png_img(fig: Figure, alt: str) -> str:
-    """The figure as an inline <img>; the figure is cleared so its memory goes now."""
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=FIG_DPI, metadata={"Software": None})
-    finally:
-        fig.clear()
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def chart_confusion(tp: int, fp: int, tn: int, fn: int) -> str:
+def chart_confusion(tp: int, fp: int, tn: int, fn: int, *, label: str = "manual label") -> str:
     fig = _figure(4.2, 3.6)
     ax = fig.add_subplot()
     # Rows: predicted 1 / 0; columns: manual label 1 / 0 (same layout as the HTML table).
@@ -272,13 +433,13 @@ def chart_confusion(tp: int, fp: int, tn: int, fn: int) -> str:
                     color=colour, fontsize=13)
     ax.set_xticks([0, 1], ["label 1", "label 0"])
     ax.set_yticks([0, 1], ["detected 1", "detected 0"])
-    ax.set_xlabel("manual label")
+    ax.set_xlabel(label)
     ax.set_ylabel("predicted")
     ax.set_title("Confusion matrix")
     return _png_img(fig, "Confusion matrix heatmap")
 
 
-def chart_confidence(hist: ConfidenceHistogram) -> str:
+def chart_confidence(hist: ConfidenceHistogram, *, label: str = "manual label") -> str:
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure()
@@ -288,14 +449,14 @@ def chart_confidence(hist: ConfidenceHistogram) -> str:
     # The counts are the bins' weights: the same side-by-side bars as a histogram of values.
     ax.hist([centres, centres], bins=edges, weights=[list(hist.positive), list(hist.negative)],
             color=[POSITIVE_COLOUR, NEGATIVE_COLOUR],
-            label=[f"manual label 1 (n={sum(hist.positive)})",
-                   f"manual label 0 (n={sum(hist.negative)})"])
+            label=[f"{label} 1 (n={sum(hist.positive)})",
+                   f"{label} 0 (n={sum(hist.negative)})"])
     ax.set_xlim(0, 1)
     ax.set_xlabel("model confidence in its answer")
     ax.set_ylabel("results")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no half results
     ax.legend(loc="upper left")
-    return _png_img(fig, "Confidence distribution by manual label")
+    return _png_img(fig, f"Confidence distribution by {label}")
 
 
 def chart_calibration(bins: Sequence[CalibrationBin]) -> str:
@@ -381,10 +542,6 @@ def chart_errors(counts: dict[str, int]) -> str:
 # --------------------------------------------------------------------------- HTML pieces
 
 
-def _esc(value: Any) -> str:
-    return "-" if value is None else html.escape(str(value))
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
@@ -396,25 +553,30 @@ def _with_ci(value: float | None, ci: Interval | None) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-           caption: str | None = None, cls: str = "") -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
-    return f'<table class="{cls}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def label_word(labels: str) -> str:
+    """What the report calls a label of `labels`: "manual label" or "adjudicated label"."""
+    return "manual label" if labels == "manual" else f"{labels} label"
 
 
-def _section(anchor: str, title: str, *parts: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
+def _a(noun: str) -> str:
+    """The noun with its indefinite article: "a manual label", "an adjudicated label"."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
+def describe_labels(labels: str, decisions: LabelDecisions) -> str:
+    """One line naming the label set and, for the adjudicated one, what it took in."""
+    applied = f"{decisions.applied} reviewer decision{'' if decisions.applied == 1 else 's'}"
+    if labels == "manual":
+        return "manual labels (the input file's)" + (
+            f"; {applied} for these results exist, not used here (--labels adjudicated)"
+            if decisions.applied else "")
+    return (f"{labels} labels: the manual labels with {applied} in their place "
+            f"({decisions.changed} differ{'s' if decisions.changed == 1 else ''} from the "
+            "manual label)")
 
 
 def section_summary(record: store.ExperimentRecord, n_results: int,
-                    scored: MetricsReport) -> str:
+                    scored: MetricsReport, labels_line: str | None = None) -> str:
     rows = [
         ("Name", record.experiment_name), ("Experiment id", record.experiment_id),
         ("Status", record.status), ("Model", record.model_name),
@@ -425,6 +587,8 @@ def section_summary(record: store.ExperimentRecord, n_results: int,
         ("Narratives done / total", f"{n_results} / {record.n_narratives_total or 0}"),
         ("Error rows", scored.unscored.errors),
     ]
+    if labels_line is not None:
+        rows.append(("Scored against", labels_line))
     if record.failure_reason:
         rows.append(("Failure reason", record.failure_reason))
     parts = [_table(("Setting", "Value"), rows, cls="kv")]
@@ -434,24 +598,44 @@ def section_summary(record: store.ExperimentRecord, n_results: int,
     return _section("summary", "Experiment", *parts)
 
 
-def section_confusion(m: Confusion) -> str:
+def section_confusion(m: Confusion, *, label: str = "manual label") -> str:
+    lab = html.escape(label)
     table = (
         '<table class="confusion"><caption>Confusion matrix</caption>'
-        '<thead><tr><th></th><th>manual label 1</th><th>manual label 0</th></tr></thead>'
+        f'<thead><tr><th></th><th>{lab} 1</th><th>{lab} 0</th></tr></thead>'
         f'<tbody><tr><th>detected 1</th><td>TP {m.tp}</td><td>FP {m.fp}</td></tr>'
         f'<tr><th>detected 0</th><td>FN {m.fn}</td><td>TN {m.tn}</td></tr></tbody>'
         '</table>'
     )
     if m.n == 0:
         return _section("confusion", "Confusion matrix", table,
-                        _note("No scored results yet (none with a manual label and no error)."))
+                        _note(f"No scored results yet (none with {_a(label)} and no error)."))
     return _section("confusion", "Confusion matrix", table,
-                    _note("Predicted (rows) vs manual label (columns), over results with a "
-                          "manual label and no error."),
-                    chart_confusion(m.tp, m.fp, m.tn, m.fn))
+                    _note(f"Predicted (rows) vs {label} (columns), over results with "
+                          f"{_a(label)} and no error."),
+                    chart_confusion(m.tp, m.fp, m.tn, m.fn, label=label))
 
 
-def section_metrics(scored: MetricsReport) -> str:
+def section_confusion_by_type(scored: MetricsReport, *, label: str = "manual label") -> str:
+    """The 2x2 matrix of each narrative type, one block of two rows per type."""
+    title = "Confusion matrix by narrative type"
+    if not scored.per_type:
+        return _section("confusion-by-type", title, _note("No results yet."))
+    lab = html.escape(label)
+    body = "".join(
+        f'<tr><th rowspan="2">{_esc(name)}</th><th>detected 1</th><td>TP {m.tp}</td>'
+        f'<td>FP {m.fp}</td><td rowspan="2">{m.n}</td></tr>'
+        f'<tr><th>detected 0</th><td>FN {m.fn}</td><td>TN {m.tn}</td></tr>'
+        for name, m in scored.per_type)
+    table = ('<table class="confusion by-type"><caption>Confusion matrix by narrative type'
+             f'</caption><thead><tr><th>Type</th><th></th><th>{lab} 1</th><th>{lab} 0</th>'
+             f'<th>Scored</th></tr></thead><tbody>{body}</tbody></table>')
+    return _section("confusion-by-type", title, table,
+                    _note(f"Each narrative type on its own: predicted (rows) vs {label} "
+                          "(columns), over its results with a label and no error."))
+
+
+def section_metrics(scored: MetricsReport, *, label: str = "manual label") -> str:
     headers = ("Set", "n", "TP", "FP", "TN", "FN", "Precision [95% CI]", "Recall [95% CI]",
                "F1", "Accuracy [95% CI]")
     rows = [(key, m.n, m.tp, m.fp, m.tn, m.fn,
@@ -462,29 +646,95 @@ def section_metrics(scored: MetricsReport) -> str:
         "metrics", "Metrics by narrative type",
         _table(headers, rows, caption="Metrics (Wilson 95% intervals)", cls="metrics"),
         _note(f"Not scored: {scored.unscored.errors} error rows, "
-              f"{scored.unscored.unlabelled} results without a manual label."))
+              f"{scored.unscored.unlabelled} results without {_a(label)}."))
 
 
-def section_confidence(hist: ConfidenceHistogram) -> str:
+def section_confidence(hist: ConfidenceHistogram, *, label: str = "manual label") -> str:
     if not hist.n:
         return _section("confidence", "Confidence distribution",
                         _note("No labelled results with a confidence to show."))
-    return _section("confidence", "Confidence distribution", chart_confidence(hist),
-                    _note("Confidence the model gave in its own answer, split by the manual "
-                          "label; unlabelled and error rows are left out."))
+    return _section("confidence", "Confidence distribution",
+                    chart_confidence(hist, label=label),
+                    _note(f"Confidence the model gave in its own answer, split by the {label}; "
+                          "unlabelled and error rows are left out."))
 
 
-def section_calibration(bins: Sequence[CalibrationBin]) -> str:
+def _briertable(brier: BrierScore) -> str:
+    rows = [("Brier score of p(detected)", _fmt(brier.score, 4)),
+            ("Results scored", brier.n),
+            ("Base rate (share of label 1)", _fmt(brier.base_rate)),
+            ("Reference: always the base rate", _fmt(brier.reference, 4)),
+            ("Skill (1 - Brier / reference)", _fmt(brier.skill))]
+    return _table(("Figure", "Value"), rows, caption="Brier score", cls="kv brier")
+
+
+def section_calibration(bins: Sequence[CalibrationBin],
+                        brier: BrierScore | None = None) -> str:
     if not bins:
         return _section("calibration", "Calibration",
                         _note("No labelled results with a confidence to calibrate."))
     rows = [(f"{b.lower:.1f}-{b.upper:.1f}", b.n, _fmt(b.mean_predicted),
              _fmt(b.observed_rate)) for b in bins]
+    parts = [chart_calibration(bins)]
+    if brier is not None:
+        parts += [_briertable(brier),
+                  _note("Brier score: the mean of (p(detected) - label)^2 over the same "
+                        "results, 0 at best; the reference is the score of always answering "
+                        "the base rate, so a skill above 0 beats it.")]
     return _section(
-        "calibration", "Calibration", chart_calibration(bins),
+        "calibration", "Calibration", *parts,
         _note("p(detected) is the confidence when the model said detected, else 1 - "
               "confidence; 10 equal-width bins, empty bins omitted."),
         _table(("p(detected) bin", "n", "mean p(detected)", "observed positive rate"), rows))
+
+
+def _share(k: int, n: int) -> str:
+    return "-" if not n else f"{100 * k / n:.1f}%"
+
+
+def section_indicators(counts: IndicatorCounts) -> str:
+    """The indicators true and false positives gave most often, side by side."""
+    title = "Indicators of true and false positives"
+    if not counts.tp and not counts.fp:
+        return _section("indicators", title,
+                        _note("No indicators given by a scored positive answer."))
+    parts = []
+    for name, n, rows in (("true positives", counts.n_tp, counts.tp),
+                          ("false positives", counts.n_fp, counts.fp)):
+        caption = f"Top {N_INDICATORS} indicators of {name} ({n} answers)"
+        if rows:
+            parts.append(_table(("Indicator", "Answers", "Share"),
+                                [(text, k, _share(k, n)) for text, k in rows],
+                                caption=caption, cls="indicators"))
+        else:
+            parts.append(_note(f"No indicators among the {name}."))
+    parts.append(_note("Indicators as the model wrote them (trimmed), each counted once per "
+                       f"answer; longer than {INDICATOR_CAP} characters is cut. An indicator "
+                       "frequent among false positives may be a cue the model over-trusts."))
+    return _section("indicators", title, *parts)
+
+
+def section_output(quality: OutputQuality) -> str:
+    """How often an output was cut off at max_tokens, or needed a second chance."""
+    title = "Truncated and repaired outputs"
+    if not quality.results:
+        return _section("output", title, _note("No results yet."))
+    rows = [
+        ("Cut off at max_tokens (finish_reason = length)", quality.truncated,
+         f"{_share(quality.truncated, quality.results)} of {quality.results} results"),
+        ("Answers from a cut-off output", quality.truncated_answers,
+         f"{_share(quality.truncated_answers, quality.answers)} of {quality.answers} answers"),
+        ("Answer after a repair turn", quality.repaired,
+         f"{_share(quality.repaired, quality.answers)} of {quality.answers} answers"),
+        ("Answer after a resample", quality.resampled,
+         f"{_share(quality.resampled, quality.answers)} of {quality.answers} answers"),
+        ("Repaired or resampled", quality.second_chance,
+         f"{_share(quality.second_chance, quality.answers)} of {quality.answers} answers"),
+    ]
+    return _section("output", title, _table(("Output", "Count", "Share"), rows, cls="kv"),
+                    _note("A cut-off output often fails to parse (an error row), so it is "
+                          "counted over every result; repairs and resamples over the "
+                          "answers."))
 
 
 def section_timeline(minutes: Sequence[MinuteStats]) -> str:
@@ -506,17 +756,20 @@ def section_errors(conn: sqlite3.Connection, experiment_id: str) -> str:
                     chart_errors(counts))
 
 
-def section_disagreements(conn: sqlite3.Connection, experiment_id: str) -> str:
-    rows = top_disagreements(conn, experiment_id)
+def section_disagreements(conn: sqlite3.Connection, experiment_id: str, *,
+                          labels: str = "manual") -> str:
+    rows = top_disagreements(conn, experiment_id, labels=labels)
     title = f"Top {N_DISAGREEMENTS} disagreements"
+    label = label_word(labels)
     if not rows:
         return _section("disagreements", title,
-                        _note("No disagreements between the model and the manual labels."))
-    table = _table(("Incident", "Type", "Detected", "Manual label", "Confidence", "Rationale"),
+                        _note(f"No disagreements between the model and the {label}s."))
+    table = _table(("Incident", "Type", "Detected", label.capitalize(), "Confidence",
+                    "Rationale"),
                    [(r[0], r[1], r[2], r[3], _fmt(r[4], 2), r[5]) for r in rows],
                    cls="disagreements")
     return _section("disagreements", title,
-                    _note("Scored results where the model and the manual label differ, the "
+                    _note(f"Scored results where the model and the {label} differ, the "
                           "most confident first. Narrative text is deliberately not shown."),
                     table)
 
@@ -631,35 +884,28 @@ def section_provenance(conn: sqlite3.Connection, record: store.ExperimentRecord)
 
 # --------------------------------------------------------------------------- document
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-margin:2em auto;max-width:1100px;color:#222;line-height:1.4;padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
-margin-top:1.6em}table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;
-padding:.25em .6em;text-align:left;vertical-align:top}thead th{background:#f2f2f2}
-caption{font-weight:bold;text-align:left;padding:.3em 0}
-table.confusion td{text-align:center;min-width:7em;font-size:1.1em}
-table.metrics td:not(:first-child){text-align:right;white-space:nowrap}
-table.disagreements td:last-child{max-width:40em}
-.note{color:#555;font-size:.92em}img{max-width:100%;height:auto;display:block;margin:.6em 0}
-.meta{color:#777;font-size:.85em}
-"""
-
-
-def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str:
+def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord, *,
+                labels: str = "manual") -> str:
     require_matplotlib()  # before any work, so a missing extra fails fast and alone
     eid = record.experiment_id
     n_results, _ = store.count_results(conn, eid)
-    scored = metrics_report(conn, eid)
+    scored = metrics_report(conn, eid, labels=labels)
+    labels_line = describe_labels(labels, label_decisions(conn, eid))
+    label = label_word(labels)
     sections: list[Callable[[], str]] = [
-        lambda: section_summary(record, n_results, scored),
-        lambda: section_confusion(scored.overall),
-        lambda: section_metrics(scored),
-        lambda: section_confidence(confidence_histogram(conn, eid)),
-        lambda: section_calibration(calibration_bins(conn, eid)),
+        lambda: section_summary(record, n_results, scored, labels_line),
+        lambda: section_confusion(scored.overall, label=label),
+        lambda: section_confusion_by_type(scored, label=label),
+        lambda: section_metrics(scored, label=label),
+        lambda: section_confidence(confidence_histogram(conn, eid, labels=labels),
+                                   label=label),
+        lambda: section_calibration(calibration_bins(conn, eid, labels=labels),
+                                    brier_score(conn, eid, labels=labels)),
+        lambda: section_indicators(top_indicators(conn, eid, labels=labels)),
+        lambda: section_output(output_quality(conn, eid)),
         lambda: section_timeline(minute_stats(conn, eid)),
         lambda: section_errors(conn, eid),
-        lambda: section_disagreements(conn, eid),
+        lambda: section_disagreements(conn, eid, labels=labels),
         lambda: section_dropped(conn, record),
         lambda: section_provenance(conn, record),
     ]
@@ -671,35 +917,25 @@ def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord) -> str
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f'<p class="meta">Experiment {html.escape(eid)} · generated {generated}</p>'
+        f'<p class="labels">Scored against the {html.escape(labels_line)}</p>'
         + "".join(build() for build in sections)
         + "</body></html>\n"
     )
-
-
-def _write_atomic(out: Path, text: str) -> None:
-    """Temp file in the same directory, then rename: readers see the old or the new file.
-    The temp name carries the PID so two writers never share one; created with the
-    process umask (unlike mkstemp's 0600) because a report is meant to be shared."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def default_report_path(output_dir: Path, experiment_id: str) -> Path:
     return output_dir / f"{experiment_id}_report.html"
 
 
-def write_report(conn: sqlite3.Connection, experiment_id: str, out: Path) -> Path:
-    """Write the HTML report of one experiment to `out` (atomically); return the path.
-    UsageError when matplotlib is not installed, RefusedError for an unknown experiment."""
+def write_report(conn: sqlite3.Connection, experiment_id: str, out: Path, *,
+                 labels: str = "manual") -> Path:
+    """Write the HTML report of one experiment to `out` (atomically), scored against
+    `labels` ("manual" or "adjudicated"); return the path. UsageError when matplotlib is
+    not installed or `labels` is unknown, RefusedError for an unknown experiment."""
+    if labels not in LABEL_SETS:
+        raise UsageError(f"labels must be one of {', '.join(LABEL_SETS)}, not {labels!r}")
     record = store.get_experiment(conn, experiment_id)
     if record is None:
         raise RefusedError(f"no experiment {experiment_id} in this database")
-    _write_atomic(out, render_html(conn, record))
+    _write_atomic(out, render_html(conn, record, labels=labels))
     return out

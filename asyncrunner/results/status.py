@@ -1,8 +1,10 @@
 """`asyncrunner status`: what operators see of experiments, as text or JSON.
 
 This module owns the status listing and the detail view (`collect` gathers, `render_*`
-print). The metrics shown are metrics.py's `MetricsReport`: the stored metrics_json of a
-completed experiment, passed through unchanged to `--json`.
+print). The metrics shown are metrics.py's `MetricsReport`: against the manual labels, the
+stored metrics_json of a completed experiment, passed through unchanged to `--json`;
+against the adjudicated ones (`--labels adjudicated`), computed from the database, with
+the number of reviewer decisions they take in. Either way the label set is named.
 
 Honest by construction:
   * `alive`: whether a live process holds the experiment's lock (an OS lock, or a bare-PID
@@ -29,7 +31,14 @@ from typing import Any
 
 from asyncrunner.db import drops, locks, sessions, store
 from asyncrunner.errors import RefusedError
-from asyncrunner.results.metrics import Confusion, Interval, MetricsReport, metrics_report
+from asyncrunner.results.metrics import (
+    Confusion,
+    Interval,
+    MetricsReport,
+    case_metrics,
+    label_decisions,
+    metrics_report,
+)
 from asyncrunner.vocab import Status
 
 RECENT_WINDOW_S = 300
@@ -136,7 +145,10 @@ def render_list(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict[str, Any] | None:
+def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str, *,
+            labels: str = "manual") -> dict[str, Any] | None:
+    """Everything the detail view shows, as JSON-ready values; None for an unknown id.
+    `labels` ("manual" or "adjudicated") is what the metrics are scored against."""
     row = store.experiment_row(conn, experiment_id)
     if row is None:
         return None
@@ -151,6 +163,8 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
     rate, window = (recent_rate(conn, experiment_id, live["started_at"] if live else None)
                     if alive else (0.0, None))
     retry = _retry(live)
+    decisions = label_decisions(conn, experiment_id)
+    adjudicated = labels != "manual"
     info: dict[str, Any] = {
         "experiment_id": experiment_id,
         "name": row["experiment_name"],
@@ -193,12 +207,20 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str) -> dict
         "sessions": [_session_json(s) for s in all_sessions],
         "config_history": sessions.config_history(conn, experiment_id),
         "metrics_history": sessions.metrics_history(conn, experiment_id),
+        "labels": labels,
+        "decisions": decisions.applied if adjudicated else 0,
+        "decisions_changing_label": decisions.changed if adjudicated else 0,
+        "decisions_available": decisions.applied,
         "metrics": None,
+        "case_metrics": None,
     }
     if row["status"] == Status.COMPLETED:
-        # The stored JSON as it is, so --json shows what finalize recorded.
-        info["metrics"] = (json.loads(row["metrics_json"]) if row.get("metrics_json")
-                           else metrics_report(conn, experiment_id).to_dict())
+        # Against the manual labels, the stored JSON as it is, so --json shows what
+        # finalize recorded; the adjudicated figures exist only in the database.
+        info["metrics"] = (json.loads(row["metrics_json"])
+                           if row.get("metrics_json") and not adjudicated
+                           else metrics_report(conn, experiment_id, labels=labels).to_dict())
+        info["case_metrics"] = case_metrics(conn, experiment_id, labels=labels).to_dict()
     return info
 
 
@@ -296,9 +318,25 @@ def render_detail(info: dict[str, Any]) -> str:
         lines.append(f"  earlier    metrics of {old['completed_at']} ({old['n_results']} "
                      f"results, {old['n_errors']} errors): precision {_fmt(old['precision'])}, "
                      f"recall {_fmt(old['recall'])}, F1 {_fmt(old['f1'])}")
+    lines.append(_labels_line(info))
     if info["metrics"]:
-        lines += _metrics_lines(MetricsReport.from_dict(info["metrics"]))
+        lines += _metrics_lines(MetricsReport.from_dict(info["metrics"]), info)
     return "\n".join(lines)
+
+
+def _labels_line(info: dict[str, Any]) -> str:
+    if info["labels"] == "manual":
+        available = info.get("decisions_available") or 0
+        return "  labels     manual" + (
+            f" ({_decisions(available)} available: --labels adjudicated)" if available else "")
+    changed = info["decisions_changing_label"]
+    return (f"  labels     {info['labels']}: manual labels with "
+            f"{_decisions(info['decisions'])} in their place ({changed} "
+            f"differ{'s' if changed == 1 else ''} from the manual label)")
+
+
+def _decisions(n: int) -> str:
+    return f"{n} reviewer decision{'' if n == 1 else 's'}"
 
 
 def _session_lines(info: dict[str, Any]) -> list[str]:
@@ -325,13 +363,22 @@ def _session_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _metrics_lines(report: MetricsReport) -> list[str]:
-    lines = ["  metrics    (results with a manual label and no error; 95% Wilson CI)",
+def _metrics_lines(report: MetricsReport, info: dict[str, Any]) -> list[str]:
+    label = ("a manual label" if info.get("labels", "manual") == "manual"
+             else "an adjudicated label")
+    lines = [f"  metrics    (results with {label} and no error; 95% Wilson CI)",
              (f"    {'set':8} {'n':>6} {'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} "
               f"{'precision':>22} {'recall':>22} {'F1':>6} {'accuracy':>6}")]
     lines += [_metrics_row(key, m) for key, m in report.rows()]
+    cases = info.get("case_metrics")
+    if cases:
+        lines.append(_metrics_row("cases", Confusion.from_dict(cases)))
     lines.append(f"    not scored: {report.unscored.errors} errors, "
-                 f"{report.unscored.unlabelled} without a manual label")
+                 f"{report.unscored.unlabelled} without {label}")
+    if cases:
+        lines.append("    cases: detected when any narrative is; "
+                     f"{cases['unlabelled']} without a case label, "
+                     f"{cases['conflicting_labels']} with conflicting case labels")
     return lines
 
 
