@@ -63,10 +63,9 @@ from asyncrunner.results.html import write_atomic as _write_atomic
 from asyncrunner.results.labels import (
     ADJUDICATED,
     LABEL_SETS,
-    case_label_sql,
     narrative_label_sql,
 )
-from asyncrunner.results.metrics import Agreement, Confusion
+from asyncrunner.results.metrics import Agreement, Confusion, case_metrics
 from asyncrunner.results.stats import (
     Interval,
     f1_interval,
@@ -227,18 +226,6 @@ FROM narrative_results r WHERE r.experiment_id = :experiment_id
 GROUP BY 1, 2, 3
 """
 
-# Cases by (answer, lowest and highest case label among the case's rows). The answer is
-# the highest of the narratives answered without an error, so a case with one positive
-# narrative is positive, a case whose narratives all failed has none (NULL) and is left
-# out; an errored narrative beside a negative one leaves the case negative.
-_CASE_SQL = """
-SELECT predicted, label_low, label_high, COUNT(*) FROM (
-  SELECT MAX(CASE WHEN r.error_occurred = 0 THEN r.detected END) AS predicted,
-         MIN({label}) AS label_low, MAX({label}) AS label_high
-  FROM narrative_results r WHERE r.experiment_id = :experiment_id
-  GROUP BY r.incident_id)
-GROUP BY 1, 2, 3
-"""
 
 
 def _f1(c: Confusion) -> float | None:
@@ -264,16 +251,7 @@ def _entry(conn: sqlite3.Connection, experiment_id: str, labels: str) -> Entry:
             unlabelled += n
         elif detected is not None:
             narrative[(int(detected), int(label))] += n
-    case: Counter[tuple[int, int]] = Counter()
-    conflicts = 0
-    for predicted, low, high, n in conn.execute(
-            _CASE_SQL.format(label=case_label_sql(labels)), params):
-        if predicted is None or low is None:
-            continue
-        if low != high:
-            conflicts += n
-        else:
-            case[(int(predicted), int(low))] += n
+    cases = case_metrics(conn, experiment_id, labels=labels)
     prompt_tokens, completion_tokens, _ = store.token_totals(conn, experiment_id)
     config = json.loads(row["config_json"]) if row["config_json"] else {}
     return Entry(
@@ -282,7 +260,8 @@ def _entry(conn: sqlite3.Connection, experiment_id: str, labels: str) -> Entry:
         model=row["model_name"], temperature=row["temperature"],
         prompt_version=row["prompt_version"], data_checksum=row["data_checksum"],
         n_results=n_results, errors=errors, unlabelled=unlabelled,
-        narrative=_confusion(narrative), case=_confusion(case), case_conflicts=conflicts,
+        narrative=_confusion(narrative), case=cases.confusion,
+        case_conflicts=cases.conflicts,
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         cost=_cost(config.get("model") or {}, prompt_tokens, completion_tokens),
         wall_s=_seconds_between(row["start_time"], row["end_time"]),
