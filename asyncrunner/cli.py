@@ -59,8 +59,11 @@ def _existing_db(args: argparse.Namespace) -> sqlite3.Connection:
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    workers = getattr(args, "workers", None)
+    auto = workers == AUTO
     return {
-        "run.workers": getattr(args, "workers", None),
+        "run.workers": None if auto else workers,
+        "run.auto_workers": True if auto else None,
         "run.batch_size": getattr(args, "batch_size", None),
         "run.max_narratives": getattr(args, "max_narratives", None),
     }
@@ -250,6 +253,29 @@ def cmd_adjudicate_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from asyncrunner.estimate import plan_command
+
+    return plan_command(args.config, probe=args.probe, overrides=_run_overrides(args),
+                        env=os.environ, out=sys.stdout)
+
+
+def cmd_batch_file(args: argparse.Namespace) -> int:
+    from asyncrunner.pipeline.batch import batch_file_command
+
+    with _writing(args.out):
+        return batch_file_command(db_path(args), args.config, args.out,
+                                  overrides=_run_overrides(args), env=os.environ,
+                                  out=sys.stdout)
+
+
+def cmd_batch_import(args: argparse.Namespace) -> int:
+    from asyncrunner.pipeline.batch import batch_import_command
+
+    return batch_import_command(db_path(args), require_uuid(args.experiment_id),
+                                Path(args.results), out=sys.stdout)
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     experiment_id = require_uuid(args.experiment_id)
     path = db_path(args)
@@ -298,7 +324,9 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
                   latency_jitter_ms=args.latency_jitter_ms, model=args.model,
                   reject_response_formats=tuple(args.reject_response_format or ()),
                   fail_status=args.fail_status, api_key=args.api_key,
-                  truncate_at_max_tokens=args.truncate_at_max_tokens)
+                  truncate_at_max_tokens=args.truncate_at_max_tokens,
+                  max_context_chars=args.max_context_chars, batch_delay_s=args.batch_delay_s,
+                  batch_expire_after_s=args.batch_expire_after_s)
     return 0
 
 
@@ -359,8 +387,17 @@ def _writing(out: Path) -> Iterator[None]:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
+AUTO = "auto"
+
+
+def _workers(text: str) -> int | str:
+    return AUTO if text.strip().lower() == AUTO else _positive_int(text)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=_positive_int, help="concurrent requests in flight")
+    p.add_argument("--workers", type=_workers, metavar="N|auto",
+                   help="concurrent requests in flight; auto: find where throughput stops "
+                        "rising (run.workers is then the ceiling)")
     p.add_argument("--batch-size", type=_positive_int, help="results per commit")
     p.add_argument("--retry-errors-only", action="store_true",
                    help="with resume: reprocess only narratives whose result is an error")
@@ -458,6 +495,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(q)
     q.set_defaults(func=cmd_adjudicate_import, command="adjudicate-import")
 
+    p = sub.add_parser("plan", help="what a run would send, its tokens, time and cost "
+                                    "(writes nothing to the database)")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--probe", type=_positive_int, default=None, metavar="K",
+                   help="also send K real requests to measure latency and output tokens")
+    p.add_argument("--workers", type=_workers, metavar="N|auto",
+                   help="the concurrency to estimate the wall time at")
+    p.add_argument("--max-narratives", type=_positive_int, help="limit, as for run")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("batch-file", help="write a new experiment's requests as OpenAI batch "
+                                          "JSONL (custom_id = narrative key)")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--out", type=_output_file, required=True, metavar="FILE.jsonl")
+    p.add_argument("--max-narratives", type=_positive_int, help="limit, as for run")
+    _add_db(p)
+    p.set_defaults(func=cmd_batch_file)
+
+    p = sub.add_parser("batch-import", help="store the answers of a batch output JSONL")
+    p.add_argument("experiment_id")
+    p.add_argument("results", metavar="FILE.jsonl")
+    _add_db(p)
+    p.set_defaults(func=cmd_batch_import)
+
     p = sub.add_parser("cancel", help="mark an experiment cancelled")
     p.add_argument("experiment_id")
     _add_db(p)
@@ -495,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-at-max-tokens", action="store_true",
                    help="cut answers longer than the request's max_tokens, "
                         "finish_reason=length")
+    p.add_argument("--max-context-chars", type=_positive_int, default=None,
+                   help="answer a prompt longer than this with the 400 of an exceeded "
+                        "context length")
+    p.add_argument("--batch-delay-s", type=float, default=0.0,
+                   help="Batch API: seconds a batch stays in progress before it completes")
+    p.add_argument("--batch-expire-after-s", type=float, default=None,
+                   help="Batch API: a batch expires after this many seconds, with the "
+                        "answers ready so far")
     p.set_defaults(func=cmd_mock_server)
     return parser
 

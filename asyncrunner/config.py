@@ -32,7 +32,7 @@ from asyncrunner.errors import ConfigError
 
 TEXT_PLACEHOLDER = "<<TEXT>>"
 DEFAULT_DB = "data/experiments.db"
-PROVIDERS = ("openai", "mock")
+PROVIDERS = ("openai", "mock", "openai-batch")
 RESPONSE_FORMAT_SETTINGS = ("auto", "json_schema", "json_object", "none")
 SYSTEM_ROLES = ("system", "user")
 PARSE_RETRIES = ("repair", "resample", "off")
@@ -66,6 +66,14 @@ class ModelSection:
     price_per_1k_input: float | None = None
     price_per_1k_output: float | None = None
     max_response_bytes: int = 8 * 1024 * 1024
+    # issue #13: servers of the same model, used together ([{api_url, weight,
+    # max_concurrency, api_key_env}], instead of api_url); prices per million tokens
+    # ({input, output}) for plan/status/report; the Batch API's limits
+    endpoints: list[dict[str, Any]] | None = None
+    price_per_mtok: dict[str, Any] | None = None
+    batch_max_requests: int = 50_000       # requests per batch file (the API allows 50,000)
+    batch_poll_s: float = 30.0             # how often a submitted batch is polled
+    batch_window: str = "24h"              # completion_window of a batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,8 @@ class RunSection:
     parse_retry: str = "repair"         # repair | resample | off
     max_error_share: float = 0.2        # above it a finished run exits 4
     breaker_window: int = 50            # this many errors in a row stop the run (exit 4)
+    auto_workers: bool = False          # --workers auto: find the concurrency (workers = cap)
+    endpoint_down_s: float = 300.0      # no endpoint answered for this long: stop (exit 4)
     output_dir: str = "benchmark_results"
     log_dir: str = "logs/experiments"
 
@@ -156,6 +166,9 @@ NUMERIC_RANGES: dict[str, tuple[float, float, bool]] = {
     "model.price_per_1k_input": (0, 1_000, True),
     "model.price_per_1k_output": (0, 1_000, True),
     "model.max_response_bytes": (1024, 1 << 30, True),
+    "model.batch_max_requests": (1, 50_000, True),
+    "model.batch_poll_s": (0, 3_600, False),
+    "run.endpoint_down_s": (0, 86_400, False),
     "run.workers": (1, 1024, True),
     "run.batch_size": (1, 100_000, True),
     "run.commit_interval_s": (0, 3_600, False),
@@ -295,6 +308,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return _text(key, value)
     elif origin is list and isinstance(value, (list, tuple)):
+        (item_t,) = typing.get_args(tp) or (str,)
+        if (typing.get_origin(item_t) or item_t) is dict:
+            # model.endpoints: mappings, checked by their own normaliser
+            for i, item in enumerate(value):
+                if not isinstance(item, Mapping):
+                    raise ConfigError(f"config key '{key}[{i}]' must be a mapping")
+            return [dict(item) for item in value]
         for i, item in enumerate(value):
             if not isinstance(item, (str, int, float)) or isinstance(item, bool):
                 raise ConfigError(f"config key '{key}[{i}]' must be text")
@@ -496,6 +516,74 @@ def _normalize_sample(sample: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"n": n, "stratify": list(dict.fromkeys(stratify)), "seed": seed}
 
 
+ENDPOINT_KEYS = ("api_url", "weight", "max_concurrency", "api_key_env")
+BATCH_WINDOWS = ("24h",)
+
+
+def _normalize_endpoints(endpoints: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """model.endpoints checked and completed: [{api_url, weight, max_concurrency,
+    api_key_env}], URLs as the client will post to them."""
+    if endpoints is None:
+        return None
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError("config key 'model.endpoints' must be a list of "
+                          "{api_url, weight, max_concurrency, api_key_env} mappings")
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate(endpoints):
+        key = f"model.endpoints[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping with an api_url")
+        unknown = sorted(set(raw) - set(ENDPOINT_KEYS), key=str)
+        if unknown:
+            raise ConfigError(f"unknown config key '{key}.{_shown(unknown[0])}' "
+                              f"(known: {', '.join(ENDPOINT_KEYS)})")
+        url = raw.get("api_url")
+        if not isinstance(url, str):
+            raise ConfigError(f"config key '{key}.api_url' must be text")
+        problem = _api_url_problem(url)
+        if problem is not None:
+            raise ConfigError(f"config key '{key}.api_url' {problem}")
+        weight = raw.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not 0 < weight <= 1000:
+            raise ConfigError(f"config key '{key}.weight' must be more than 0 and at most "
+                              f"1000, got {_value_text(weight)}")
+        cap = raw.get("max_concurrency")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                                or not 1 <= cap <= 1024):
+            raise ConfigError(f"config key '{key}.max_concurrency' must be between 1 and "
+                              f"1024 (or empty), got {_value_text(cap)}")
+        key_env = raw.get("api_key_env")
+        if key_env is not None and (not isinstance(key_env, str)
+                                    or not _ENV_NAME.fullmatch(key_env)):
+            raise ConfigError(f"config key '{key}.api_key_env' must be the NAME of the "
+                              "environment variable that holds the key")
+        out.append({"api_url": normalize_config_api_url(url), "weight": float(weight),
+                    "max_concurrency": cap, "api_key_env": key_env})
+    urls = [e["api_url"] for e in out]
+    if len(set(urls)) != len(urls):
+        raise ConfigError("config key 'model.endpoints' names the same api_url twice")
+    return out
+
+
+def _normalize_prices(prices: dict[str, Any] | None) -> dict[str, Any] | None:
+    if prices is None:
+        return None
+    unknown = sorted(set(prices) - {"input", "output"}, key=str)
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.price_per_mtok.{_shown(unknown[0])}' "
+                          "(known: input, output)")
+    out: dict[str, Any] = {}
+    for name in ("input", "output"):
+        value = prices.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value <= 10_000:
+            raise ConfigError(f"config key 'model.price_per_mtok.{name}' must be between 0 "
+                              f"and 10000, got {_value_text(value)}")
+        out[name] = float(value)
+    return out
+
+
 def _validate(cfg: Config) -> None:
     m, p, d = cfg.model, cfg.prompt, cfg.data
     if m.provider not in PROVIDERS:
@@ -504,6 +592,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'prompt.user_template' must contain the placeholder {TEXT_PLACEHOLDER}"
         )
+    if m.batch_window not in BATCH_WINDOWS:
+        raise ConfigError("config key 'model.batch_window' must be one of "
+                          f"{', '.join(BATCH_WINDOWS)}")
     if m.response_format not in RESPONSE_FORMAT_SETTINGS:
         raise ConfigError("config key 'model.response_format' must be one of "
                           f"{', '.join(RESPONSE_FORMAT_SETTINGS)} (empty means none)")
@@ -580,6 +671,9 @@ def build_config(raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None 
         model, api_url=normalize_config_api_url(model.api_url))
     sections["data"] = dataclasses.replace(
         sections["data"], sample=_normalize_sample(sections["data"].sample))
+    sections["model"] = dataclasses.replace(
+        sections["model"], endpoints=_normalize_endpoints(sections["model"].endpoints),
+        price_per_mtok=_normalize_prices(sections["model"].price_per_mtok))
     cfg = Config(**sections, source_path=source)
     _validate(cfg)
     return cfg

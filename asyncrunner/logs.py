@@ -24,7 +24,9 @@ FORBIDDEN_KEYS = frozenset({"text", "narrative_text", "narrative", "api_key", "a
 CONSOLE_EVENTS = frozenset({
     "run_start", "ingest", "resume", "config_drift", "stale_lock", "backup", "signal",
     "run_finished", "run_interrupted", "run_failed", "exports", "retry_errors_ignored",
-    "response_format",
+    "response_format", "workers_auto",
+    # the Batch API: a 24-hour poll must not be silent on the console
+    "batch_submitted", "batch_status", "batch_imported", "batch_resume", "batch_adopted",
 })
 
 

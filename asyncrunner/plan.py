@@ -396,6 +396,11 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(config)
     if isinstance(flat.get("model.api_url"), str):
         flat["model.api_url"] = redact_url(normalize_api_url(flat["model.api_url"]))
+    if isinstance(flat.get("model.endpoints"), list):
+        flat["model.endpoints"] = [
+            {**e, "api_url": redact_url(normalize_api_url(e["api_url"]))}
+            if isinstance(e, dict) and isinstance(e.get("api_url"), str) else e
+            for e in flat["model.endpoints"]]
     return unflatten(flat)
 
 

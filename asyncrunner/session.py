@@ -16,14 +16,21 @@ unexpected error; and it records itself in the `sessions` table (db/sessions.py)
 intent, effective settings and their difference from the stored configuration, what it did
 and how it ended.
 
-The response-format probe (llm/probe.py) runs on the pipeline's HTTP session before the
-first narrative: a new experiment tries its `model.response_format` setting (auto falls
-back json_schema -> json_object -> none), a resume of an `auto` experiment only the mode
-its first probe chose; the mode is stored (experiments.response_format_used and
-config_json's model.response_format_used) and logged as one line. An endpoint that answers
-no try at all (busy, unreachable) does not stop the run: it goes ahead with the setting's
-first mode, unverified. A session with nothing to send does not probe. After the report, a
-completed run whose error share is above run.max_error_share raises TooManyErrors (exit 4).
+Requests go through one endpoint pool per session (llm/router.py): `model.endpoints`, or
+`model.api_url` as a pool of one, each endpoint with the key its api_key_env names (else
+model.api_key_env); every URL is stored and logged redacted, and the pool's per-endpoint
+figures end up in sessions.endpoints_json (the writer's commits, and once more at the end).
+
+The response-format probe (llm/probe.py) runs on the pipeline's HTTP session, through the
+pool (so to its first healthy endpoint), before the first narrative: a new experiment
+tries its `model.response_format` setting (auto falls back json_schema -> json_object ->
+none), a resume of an `auto` experiment only the mode its first probe chose; the mode is
+stored (experiments.response_format_used and config_json's model.response_format_used) and
+logged as one line. An endpoint that answers no try at all (busy, unreachable) does not
+stop the run: it goes ahead with the setting's first mode, unverified (unless no endpoint
+has answered for run.endpoint_down_s: EndpointCannotServe). A session with nothing to send
+does not probe. After the report, a completed run whose error share is above
+run.max_error_share raises TooManyErrors (exit 4).
 
 Backups: before a resume writes anything (after its guards passed), and before a new run
 writes into a database that already holds experiments (before its ingest).
@@ -63,8 +70,16 @@ from asyncrunner.errors import (
     TooManyErrors,
 )
 from asyncrunner.llm.answer_schema import candidate_formats
-from asyncrunner.llm.client import ClientSettings, make_http_client, normalize_api_url, redact_url
+from asyncrunner.llm.client import (
+    ClientSettings,
+    endpoint_settings,
+    make_http_client,
+    normalize_api_url,
+    redact_url,
+)
 from asyncrunner.llm.probe import ProbeError, ProbeResult, probe
+from asyncrunner.llm.router import EndpointPool, EndpointSettings
+from asyncrunner.llm.setup import client_settings, endpoints_from
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
@@ -126,7 +141,9 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
 
 def _warn_unknown_env(env: Mapping[str, str], cfg: Config) -> None:
     """A misspelled ASYNCRUNNER_* setting would otherwise be ignored without a word."""
-    known = [cfg.model.api_key_env] if cfg.model.api_key_env else []
+    known = [name for name in [cfg.model.api_key_env,
+                               *(e.get("api_key_env") for e in cfg.model.endpoints or [])]
+             if name]
     for line in unknown_env_variables(env, known=known):
         log.warning("unknown_env_variable", message=line)
 
@@ -196,9 +213,9 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
         if plan.is_new:
             assert plan.ingest is not None
             experiments.create(
-                conn, cfg, experiment_id=experiment_id, data_file=str(cfg.data.file),
-                checksum=plan.ingest.data_checksum, n_total=plan.total,
-                api_url=redact_url(normalize_api_url(cfg.model.api_url)),
+                conn, _redacted(cfg), experiment_id=experiment_id,
+                data_file=str(cfg.data.file), checksum=plan.ingest.data_checksum,
+                n_total=plan.total, api_url=_stored_url(cfg),
                 log_dir=str(Path(cfg.run.log_dir) / experiment_id),
                 study=_study_tag(plan),
                 sample_json=(json.dumps(cfg.data.sample) if cfg.data.sample is not None
@@ -211,7 +228,7 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
             conn, session_id=session_id, experiment_id=experiment_id, intent=plan.intent,
             target=plan.target, settings=_session_settings(cfg),
             settings_hash=settings_hash(_session_settings(cfg)),
-            diff=dict(plan.settings_diff), allowed_drift=list(plan.allowed_drift),
+            diff=_session_diff(cfg, plan.settings_diff), allowed_drift=list(plan.allowed_drift),
             retry_categories=(list(plan.retry_categories)
                               if plan.retry_categories is not None else None))
         conn.execute("COMMIT")
@@ -235,12 +252,13 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
     _log_data(conn, plan)
     _log_start(plan)
     _log_config(cfg)
-    if plan.settings_diff:
+    diff = _session_diff(cfg, plan.settings_diff)
+    if diff:
         log.info("session_settings", message="this session differs from the stored "
                  "configuration in: " + ", ".join(
                      f"{k} {_brief(v['stored'])} -> {_brief(v['session'])}"
-                     for k, v in plan.settings_diff.items()),
-                 diff=dict(plan.settings_diff))
+                     for k, v in diff.items()),
+                 diff=diff)
 
 
 def _study_tag(plan: RunPlan) -> tuple[str, str, int] | None:
@@ -255,10 +273,51 @@ def _brief(value: object) -> str:
 
 def _session_settings(cfg: Config) -> dict[str, object]:
     """A session's effective settings as recorded: no secret (the key's variable name only),
-    the URL redacted."""
-    settings = cfg.to_dict()
+    every URL redacted."""
+    settings = _redacted(cfg).to_dict()
     settings["model"]["api_url"] = redact_url(normalize_api_url(cfg.model.api_url))
     return settings
+
+
+def _redacted_endpoints(endpoints: object) -> object:
+    """model.endpoints as stored and logged: each URL redacted (client.redact_url)."""
+    if not isinstance(endpoints, list):
+        return endpoints
+    return [{**e, "api_url": redact_url(normalize_api_url(str(e.get("api_url", ""))))}
+            if isinstance(e, dict) else e for e in endpoints]
+
+
+def _redacted(cfg: Config) -> Config:
+    """The configuration with its endpoint URLs redacted (api_url is redacted where it is
+    stored: experiments.create takes it apart)."""
+    endpoints = cfg.model.endpoints
+    if endpoints is None:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, endpoints=[
+        {**e, "api_url": redact_url(normalize_api_url(e["api_url"]))} for e in endpoints]))
+
+
+def _stored_url(cfg: Config) -> str:
+    """experiments.api_url: model.api_url, or the first of model.endpoints, redacted."""
+    m = cfg.model
+    return redact_url(normalize_api_url(m.endpoints[0]["api_url"] if m.endpoints
+                                        else m.api_url))
+
+
+def _session_diff(cfg: Config, diff: Mapping[str, Any]) -> dict[str, Any]:
+    """plan.settings_diff as recorded and logged: endpoint URLs redacted, and left out what
+    only redaction told apart, or model.api_url beside model.endpoints (the experiment
+    stores the first endpoint as its api_url; the session does not use api_url then)."""
+    out: dict[str, Any] = {}
+    for key, change in diff.items():
+        if key == "model.endpoints" and isinstance(change, Mapping):
+            change = {side: _redacted_endpoints(v) for side, v in change.items()}
+            if change.get("stored") == change.get("session"):
+                continue
+        elif key == "model.api_url" and cfg.model.endpoints:
+            continue
+        out[key] = change
+    return out
 
 
 def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
@@ -269,7 +328,10 @@ def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> 
     if plan.legacy is not None:
         _record_legacy(conn, plan, session_id)
     if plan.stored_config is not None:
-        experiments.record_config(conn, experiment_id, session_id, dict(plan.stored_config),
+        stored = json.loads(json.dumps(dict(plan.stored_config), default=str))
+        if isinstance(stored.get("model"), dict):
+            stored["model"]["endpoints"] = _redacted_endpoints(stored["model"].get("endpoints"))
+        experiments.record_config(conn, experiment_id, session_id, stored,
                                   list(plan.config_changes))
     if plan.previous_status is Status.COMPLETED:
         experiments.archive_metrics(conn, experiment_id, session_id)
@@ -340,30 +402,23 @@ def _log_start(plan: RunPlan) -> None:
 def _log_config(cfg: Config) -> None:
     """A summary of what this session runs with; the key's variable name, never its value."""
     m, r = cfg.model, cfg.run
-    log.info("config", model=m.name, provider=m.provider,
-             api_url=redact_url(normalize_api_url(m.api_url)),
+    log.info("config", model=m.name, provider=m.provider, api_url=_stored_url(cfg),
+             endpoints=_redacted_endpoints(m.endpoints), endpoint_down_s=r.endpoint_down_s,
              api_key_env=m.api_key_env, temperature=m.temperature, max_tokens=m.max_tokens,
              timeout_s=m.timeout_s, prompt_version=cfg.prompt.version, workers=r.workers,
              batch_size=r.batch_size, max_attempts=r.max_attempts, seed=r.seed,
              max_narratives=r.max_narratives, data_file=cfg.data.file)
 
 
+def _endpoints(plan: RunPlan) -> tuple[EndpointSettings, ...]:
+    return endpoints_from(plan.config, plan.request.env)
+
+
 def _client_settings(plan: RunPlan) -> ClientSettings:
-    m, env = plan.config.model, plan.request.env
-    key = env.get(m.api_key_env) if m.api_key_env else None
-    return ClientSettings(
-        api_url=normalize_api_url(m.api_url), model=m.name, temperature=m.temperature,
-        max_tokens=m.max_tokens, timeout_s=m.timeout_s, max_attempts=plan.config.run.max_attempts,
-        seed=plan.config.run.seed, api_key=key or None,
-        # the setting (auto...) until the probe has chosen the mode actually sent
-        response_format=None if m.response_format in (None, "none") else m.response_format,
-        extra_body=dict(m.extra_body or {}), backoff_base_s=plan.config.run.retry_backoff_s,
-        max_retry_after_s=plan.config.run.max_retry_after_s,
-        system_role=plan.config.prompt.system_role,
-    )
+    return client_settings(plan.config, plan.request.env)
 
 
-def pipeline_spec(plan: RunPlan) -> PipelineSpec:
+def pipeline_spec(plan: RunPlan, session_id: str | None = None) -> PipelineSpec:
     r = plan.config.run
     return PipelineSpec(
         db_path=str(plan.db_path), selection=plan.selection,
@@ -371,13 +426,14 @@ def pipeline_spec(plan: RunPlan) -> PipelineSpec:
                               session_target=plan.target, batch_size=r.batch_size,
                               interval_s=r.commit_interval_s,
                               retry_errors_only=plan.intent is Intent.RETRY_ERRORS,
-                              max_tokens=plan.config.model.max_tokens),
+                              max_tokens=plan.config.model.max_tokens,
+                              session_id=session_id),
         client=_client_settings(plan),
         prompt=Prompt(plan.config.prompt.system_prompt, plan.config.prompt.user_template,
                       r.parse_retry),
         workers=r.workers, grace_s=r.grace_period_s,
         requests_per_minute=r.requests_per_minute, tokens_per_minute=r.tokens_per_minute,
-        breaker_window=r.breaker_window,
+        breaker_window=r.breaker_window, auto_workers=r.auto_workers,
     )
 
 
@@ -416,9 +472,13 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                           on_commit: Callable[[Snapshot], None] | None,
                           transport: httpx.AsyncBaseTransport | None,
                           setting: str, on_probe: Callable[[ProbeResult], None],
+                          on_pool: Callable[[EndpointPool], None] | None = None,
                           ) -> PipelineOutcome:
     """Bring up the HTTP side (and the simulator for `provider: mock`), probe the response
-    format on it, run the pipeline."""
+    format on it, run the pipeline. Requests go through one endpoint pool (router.py):
+    model.endpoints, or the one api_url; the probe too (to the first healthy endpoint).
+    `on_pool` is handed the pool, for its final figures."""
+    batch = plan.config.model.provider == "openai-batch"
     async with AsyncExitStack() as stack:
         if plan.config.model.provider == "mock" and transport is None:
             from asyncrunner.sim import MockServer
@@ -428,7 +488,18 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
             spec = _with_url(spec, server.url)
         http = await stack.enter_async_context(
             make_http_client(spec.workers, spec.client.timeout_s, transport=transport,
-                             max_response_bytes=plan.config.model.max_response_bytes))
+                             # a batch's output file holds every answer of its chunk
+                             max_response_bytes=None if batch
+                             else plan.config.model.max_response_bytes))
+        if batch and plan.target > 0:
+            from asyncrunner.pipeline.batch import run_batches
+
+            return await run_batches(plan, spec, http, on_commit=on_commit)
+        pool = _pool(plan, spec)
+        if on_pool is not None:
+            on_pool(pool)
+        spec = replace(spec, client=replace(spec.client, pool=pool),
+                       writer=replace(spec.writer, endpoint_stats=pool.snapshot_json))
         if plan.target == 0:      # nothing to send (a resume that only finalizes)
             found = ProbeResult(candidate_formats(setting)[0], ())
         else:
@@ -439,6 +510,9 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                 if exc.fatal:
                     raise EndpointCannotServe(
                         f"the endpoint cannot serve this run: {exc}") from None
+                down = pool.down_message()
+                if down is not None:
+                    raise EndpointCannotServe(down) from None
                 found = _unverified(setting, exc)
             on_probe(found)
         mode = None if found.mode == "none" else found.mode
@@ -450,15 +524,44 @@ def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
     return replace(spec, client=replace(spec.client, api_url=url))
 
 
+def _pool(plan: RunPlan, spec: PipelineSpec) -> EndpointPool:
+    """The session's endpoints: model.endpoints, or the client's one URL (the simulator's
+    for `provider: mock`); each endpoint's own limiter bounded by run.workers."""
+    endpoints = (_endpoints(plan) if plan.config.model.provider != "mock"
+                 else (endpoint_settings(spec.client.api_url, api_key=spec.client.api_key),))
+    return EndpointPool(endpoints, workers=spec.workers,
+                        down_s=plan.config.run.endpoint_down_s,
+                        probe_hold_s=spec.client.timeout_s + 1.0,
+                        resume_hint=f"asyncrunner resume {plan.experiment_id}")
+
+
+def _store_endpoints(conn: sqlite3.Connection, session_id: str,
+                     pools: list[EndpointPool]) -> None:
+    """The pool's figures as the session ended (the writer stores them at each commit; a
+    session that committed nothing, say every endpoint down, has them only from here)."""
+    if not pools:
+        return
+    try:
+        with conn:
+            conn.execute("UPDATE sessions SET endpoints_json = ? WHERE session_id = ?",
+                         (pools[-1].snapshot_json(), session_id))
+    except sqlite3.Error as exc:
+        log.warning("session_row", message=f"endpoint figures not recorded: {exc}")
+
+
 def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                on_commit: Callable[[Snapshot], None] | None,
                transport: httpx.AsyncBaseTransport | None,
                reserve: SpaceReserve | None = None) -> RunSummary:
     experiment_id = plan.experiment_id
+    pools: list[EndpointPool] = []
     try:
-        outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan), on_commit, transport,
-                            _probe_setting(conn, plan),
-                            lambda found: _record_probe(conn, plan, found))
+        try:
+            outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan, session_id),
+                                on_commit, transport, _probe_setting(conn, plan),
+                                lambda found: _record_probe(conn, plan, found), pools.append)
+        finally:
+            _store_endpoints(conn, session_id, pools)
         # The event loop put the default SIGTERM action back when it closed.
         signal.signal(signal.SIGTERM, _raise_stopped)
         if outcome.stopped_by is not None:

@@ -38,6 +38,8 @@ SESSION_KEYS: frozenset[str] = frozenset({
     # named by the contract, for when they exist: where requests go, what they cost, when
     # a run gives up; none of them changes an answer
     "model.endpoints", "model.price_per_mtok", "run.max_error_share", "run.breaker_window",
+    "model.batch_max_requests", "model.batch_poll_s", "model.batch_window",
+    "run.auto_workers", "run.endpoint_down_s",
 })
 SET_KEYS: frozenset[str] = frozenset({"run.max_narratives"})
 SET_SECTIONS: frozenset[str] = frozenset({"data"})

@@ -132,6 +132,8 @@ RESULT_COLUMNS: dict[str, str] = {
     "answer_source": "TEXT",
     "prompt_tokens_total": "INTEGER",
     "completion_tokens_total": "INTEGER",
+    # version 9: the endpoint of a pool that answered (its redacted URL)
+    "endpoint": "TEXT",
 }
 
 INGEST_COLUMNS: dict[str, str] = {
@@ -188,6 +190,8 @@ SESSION_COLUMNS: dict[str, str] = {
     "allowed_drift": "TEXT",
     "asyncrunner_version": "TEXT",
     "parser_version": "TEXT",
+    # version 9: per endpoint of a pool, as of the session's last commit
+    "endpoints_json": "TEXT",
 }
 
 # Version 6: every change of an experiment's stored configuration after it started.
@@ -252,6 +256,28 @@ LABEL_SET_COLUMNS: dict[str, str] = {
     "imported_at": "TEXT NOT NULL",
 }
 
+# Version 9: the Batch API's batches and the narratives each carries (see migration 9).
+BATCH_COLUMNS: dict[str, str] = {
+    "batch_id": "TEXT PRIMARY KEY",
+    "experiment_id": "TEXT NOT NULL",
+    "chunk": "INTEGER NOT NULL",
+    "input_file_id": "TEXT",
+    "output_file_id": "TEXT",
+    "error_file_id": "TEXT",
+    "status": "TEXT NOT NULL",
+    "n_requests": "INTEGER NOT NULL",
+    "n_completed": "INTEGER",
+    "n_failed": "INTEGER",
+    "submitted_at": "TEXT NOT NULL",
+    "updated_at": "TEXT",
+    "imported_at": "TEXT",
+}
+BATCH_ITEM_COLUMNS: dict[str, str] = {
+    "batch_id": "TEXT NOT NULL",
+    "incident_id": "TEXT NOT NULL",
+    "narrative_type": "TEXT NOT NULL",
+}
+
 TABLES: dict[str, dict[str, str]] = {
     "source_narratives": SOURCE_COLUMNS,
     "experiments": EXPERIMENT_COLUMNS,
@@ -264,6 +290,8 @@ TABLES: dict[str, dict[str, str]] = {
     "studies": STUDY_COLUMNS,
     "experiment_sample": SAMPLE_COLUMNS,
     "label_sets": LABEL_SET_COLUMNS,
+    "batches": BATCH_COLUMNS,
+    "batch_items": BATCH_ITEM_COLUMNS,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -729,6 +757,44 @@ def _m8_studies_samples_labels(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS idx_experiments_study ON experiments (study_id)")
 
 
+# Version 9 (issue #13): which endpoint of a pool answered each narrative; the Batch API's
+# batches (committed before polling, so a kill during a 24-hour window resumes polling the
+# same batch instead of paying twice) and which narratives each one carries.
+_M9_TABLES = (
+    """CREATE TABLE IF NOT EXISTS batches (
+        batch_id TEXT PRIMARY KEY,
+        experiment_id TEXT NOT NULL,
+        chunk INTEGER NOT NULL,
+        input_file_id TEXT,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        status TEXT NOT NULL,
+        n_requests INTEGER NOT NULL,
+        n_completed INTEGER,
+        n_failed INTEGER,
+        submitted_at TEXT NOT NULL,
+        updated_at TEXT,
+        imported_at TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS idx_batches_experiment ON batches (experiment_id, status)",
+    """CREATE TABLE IF NOT EXISTS batch_items (
+        batch_id TEXT NOT NULL,
+        incident_id TEXT NOT NULL,
+        narrative_type TEXT NOT NULL,
+        PRIMARY KEY (batch_id, incident_id, narrative_type)
+    ) WITHOUT ROWID""",
+)
+
+
+def _m9_endpoints_and_batches(conn: sqlite3.Connection) -> None:
+    for ddl in _M9_TABLES:
+        conn.execute(ddl)
+    if "endpoint" not in _existing_columns(conn, "narrative_results"):
+        conn.execute("ALTER TABLE narrative_results ADD COLUMN endpoint TEXT")
+    if "endpoints_json" not in _existing_columns(conn, "sessions"):
+        conn.execute("ALTER TABLE sessions ADD COLUMN endpoints_json TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_create_tables,
     _m2_add_missing_columns,
@@ -738,6 +804,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m6_sessions_drops_provenance,
     _m7_answer_provenance,
     _m8_studies_samples_labels,
+    _m9_endpoints_and_batches,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

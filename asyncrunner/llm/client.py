@@ -15,7 +15,8 @@ error category; nothing HTTP-shaped leaves this module. What is retried, and how
         timeout      connect/read/write/pool timeouts, or the whole request over timeout_s
         api_error    connection refused/reset/dropped, 408 409 425 500 502 503 504 (any 5xx),
                      a 200 whose body is not a chat completion
-        rate_limit   429 (also slows every worker down, see throttle.py; 503 does too)
+        rate_limit   429 (also slows every worker down, see throttle.py; 503 does too;
+                     in a pool of several endpoints only the endpoint that said it)
     not retried
         data_error   400 saying the prompt is too long for the model's context (OpenAI's,
                      vLLM's and llama.cpp's wordings, and llama.cpp's exceed_context_size_error)
@@ -23,13 +24,23 @@ error category; nothing HTTP-shaped leaves this module. What is retried, and how
                      larger than the session's max_response_bytes ("response larger than
                      max_response_bytes=N")
 
+Endpoint pools (`ClientSettings.pool`, router.py): each attempt goes to the endpoint the pool
+picks, with that endpoint's URL and key. An attempt that failed because its endpoint failed
+(`endpoint_failure`: no connection, dropped, timed out, 5xx) is sent again at once to
+another endpoint without using up one of the max_attempts, while another is healthy, at
+most `pool.max_failovers` times per prompt; every outcome names its endpoint (redacted).
+Without a pool the client makes a pool of one of `api_url`: every request goes there,
+exactly as before pools existed.
+
 Fatal failures (`RequestFailure.fatal`, `describe_fatal`): 401 and 403 (bad or missing
 key), 404 (unknown model or path), and a 400/422 that names a field of the request (its
 OpenAI `param`, a key the body carries such as `response_format`, `temperature` or an
 `extra_body` key, or "unsupported/unknown parameter", "extra inputs are not permitted"). No
-narrative can succeed after one of these, so the run should stop at the first (phase 2 of
-issue #15 wires that). A 400 about the prompt's length stays a per-narrative `data_error`,
-and other 400s (a content filter, say) stay per-narrative `api_error`s.
+narrative can succeed after one of these, so the run stops at the first. So it does when no
+endpoint of the pool has answered for run.endpoint_down_s (the failure's message says which
+endpoint failed how; it has no status). A 400 about the prompt's length stays a
+per-narrative `data_error`, and other 400s (a content filter, say) stay per-narrative
+`api_error`s.
 
 Request shape: `ClientSettings.response_format` is the structured-output mode
 (`json_schema`, `json_object`, or None/"none": no field; see answer_schema.py, whose bounded
@@ -63,6 +74,7 @@ from asyncrunner.llm.answer_schema import (
     names_response_format,
     response_format_payload,
 )
+from asyncrunner.llm.router import Endpoint, EndpointPool, EndpointSettings
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
 from asyncrunner.vocab import ErrorCategory
 
@@ -92,7 +104,7 @@ class ClientSettings:
     timeout_s: float
     max_attempts: int
     seed: int | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     response_format: str | None = None        # json_schema | json_object | None ("none")
     extra_body: dict[str, Any] = field(default_factory=dict)
     backoff_base_s: float = 0.5
@@ -100,6 +112,9 @@ class ClientSettings:
     max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S   # a longer Retry-After is capped
     system_role: str = "system"                # system | user
     response_schema: dict[str, Any] | None = None   # replaces the bounded answer schema
+    # The endpoints to route through (router.py), shared by every client of a run; None:
+    # api_url alone (with api_key), as a pool of one of the client's own.
+    pool: EndpointPool | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,7 @@ class Completion:
     response_sec: float
     attempts: int
     raw: str
+    endpoint: str | None = None     # the redacted URL of the endpoint that answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +140,7 @@ class RequestFailure:
     status: int | None = None
     raw: str | None = None
     fatal: bool = False     # no other request can succeed either: stop the run
+    endpoint: str | None = None     # the redacted URL of the endpoint it failed on
 
 
 class ResponseTooLarge(httpx.TransportError):
@@ -135,8 +152,12 @@ class ResponseTooLarge(httpx.TransportError):
 
 
 def describe_fatal(failure: RequestFailure) -> str:
-    """The one line an operator reads when a fatal failure stops the run."""
+    """The one line an operator reads when a fatal failure stops the run. A fatal failure
+    without a status is the pool's own (no endpoint has answered for run.endpoint_down_s):
+    its message is that line."""
     status = failure.status
+    if status is None:
+        return failure.message
     if status == 401:
         hint = "the endpoint rejected the API key; check model.api_key_env and the key"
     elif status == 403:
@@ -164,6 +185,21 @@ def redact_url(url: str) -> str:
     except (httpx.InvalidURL, TypeError):
         return "<invalid url>"
     return str(parsed.copy_with(userinfo=b"", query=None))
+
+
+def endpoint_settings(url: str, *, weight: float = 1.0, max_concurrency: int | None = None,
+                      api_key: str | None = None) -> EndpointSettings:
+    """One endpoint of a pool: its URL completed as requests are posted to it, and labelled
+    (stored, logged) redacted."""
+    url = normalize_api_url(url)
+    return EndpointSettings(url, redact_url(url), weight=weight,
+                            max_concurrency=max_concurrency, api_key=api_key)
+
+
+def endpoint_failure(failure: RequestFailure) -> bool:
+    """Whether the endpoint failed rather than the request: no connection, dropped, timed
+    out, or a 5xx (router.py cools such an endpoint down; a pool retries elsewhere)."""
+    return failure.retryable and (failure.status is None or failure.status >= 500)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -280,12 +316,14 @@ class LLMClient:
         self._rng = rng or random.Random()
         # Built once; every request shares them (nothing downstream mutates them).
         self._url = httpx.URL(self.url)
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": f"asyncrunner/{__version__}"}
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._headers = httpx.Headers(headers)
+        self._headers = _headers(settings.api_key)
         self._extensions = {"timeout": http_timeouts(settings.timeout_s)}
+        self.pool = settings.pool if settings.pool is not None else EndpointPool(
+            [endpoint_settings(self.url, api_key=settings.api_key)],
+            probe_hold_s=settings.timeout_s + 1.0)
+        # Per endpoint of the pool (by Endpoint.index): the URL and headers posted to.
+        self._wire = [(httpx.URL(ep.settings.api_url), _headers(ep.settings.api_key))
+                      for ep in self.pool.endpoints]
         self._templates: dict[str, tuple[str, str] | None] = {}
         self.response_format = response_format_payload(
             settings.response_format, settings.max_tokens, schema=settings.response_schema)
@@ -369,29 +407,55 @@ class LLMClient:
                        followup: Sequence[Message] = (),
                        seed: int | None = None) -> Completion | RequestFailure:
         """Send one prompt, retrying what is worth retrying. `followup` and `seed` shape a
-        parse retry (see build_body)."""
-        request = self.prepare(system_prompt, user_prompt, followup=followup, seed=seed)
+        parse retry (see build_body).
+
+        Each attempt goes to the endpoint the pool picks. One that failed because its
+        endpoint failed (endpoint_failure) is sent again at once to another endpoint,
+        without using up an attempt, while another is healthy: at most
+        pool.max_failovers times per prompt (none in a pool of one). Other retries wait
+        their backoff and prefer another endpoint too. When no endpoint has answered for
+        run.endpoint_down_s the outcome is a fatal failure saying so."""
+        body = self.encode_body(system_prompt, user_prompt, followup=followup, seed=seed)
         prompt_chars = (len(system_prompt) + len(user_prompt)
                         + sum(len(str(turn.get("content") or "")) for turn in followup))
         started = time.monotonic()
-        outcome: Completion | RequestFailure | None = None
-        for attempt in range(1, self.settings.max_attempts + 1):
+        pool = self.pool
+        attempt, sent, failovers = 1, 0, 0
+        avoid: Endpoint | None = None
+        while True:
             charge = (await self.budget.reserve(self.budget.estimate(prompt_chars))
                       if self.budget else None)
-            outcome = await self._attempt(request, attempt, started)
+            sent += 1
+            outcome, ep = await self._attempt(body, sent, started, avoid)
             if self.budget and charge is not None and isinstance(outcome, Completion):
                 self.budget.settle(charge, prompt_chars, outcome.prompt_tokens,
                                    outcome.completion_tokens)
-            if isinstance(outcome, Completion) or not outcome.retryable:
-                break
-            if attempt == self.settings.max_attempts:
-                break
-            wait = self._backoff(attempt, outcome.retry_after_s)
+            if isinstance(outcome, Completion) or not outcome.retryable or ep is None:
+                return outcome
+            avoid = ep
+            if endpoint_failure(outcome):
+                down = pool.down_message()
+                if down is not None:
+                    return self._down(down, started, sent)
+                if failovers < pool.max_failovers and pool.other_healthy(ep):
+                    failovers += 1
+                    log.info("failover", endpoint=ep.label, category=outcome.category,
+                             status=outcome.status, failovers=failovers)
+                    continue
+            if attempt >= self.settings.max_attempts:
+                return outcome
+            # A Retry-After holds back its own endpoint (its limiter); in a pool the retry
+            # may go elsewhere without waiting for it.
+            elsewhere = pool.max_failovers > 0 and pool.other_healthy(ep)
+            wait = self._backoff(attempt, None if elsewhere else outcome.retry_after_s)
             log.info("retry", attempt=attempt, category=outcome.category,
                      status=outcome.status, wait_s=round(wait, 3))
             await anyio.sleep(wait)
-        assert outcome is not None
-        return outcome
+            attempt += 1
+
+    def _down(self, message: str, started: float, sent: int) -> RequestFailure:
+        return RequestFailure(ErrorCategory.API_ERROR, message, time.monotonic() - started,
+                              sent, fatal=True)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         s = self.settings
@@ -399,37 +463,81 @@ class LLMClient:
         jittered = self._rng.uniform(0.0, ceiling)
         return max(jittered, retry_after_s or 0.0)
 
-    async def _attempt(self, request: httpx.Request, attempt: int,
-                       started: float) -> Completion | RequestFailure:
+    async def _attempt(self, body: bytes, sent: int, started: float, avoid: Endpoint | None,
+                       ) -> tuple[Completion | RequestFailure, Endpoint | None]:
+        """One request: a slot of the run's limiter, an endpoint (and a slot of its own
+        limiter, in a pool of several), the exchange. No endpoint: the pool's down message,
+        as a fatal failure."""
         await self.limiter.acquire()
         try:
-            return await self._send(request, attempt, started)
+            pool = self.pool
+            ep = pool.pick(avoid)
+            if ep is None:
+                found = await pool.wait(avoid)
+                if isinstance(found, str):
+                    return self._down(found, started, sent), None
+                ep = found
+            try:
+                own = ep.limiter
+                if own is None:
+                    return await self._send(self._request(ep, body), sent, started, ep), ep
+                await own.acquire()
+                try:
+                    return await self._send(self._request(ep, body), sent, started, ep), ep
+                finally:
+                    await own.release()
+            finally:
+                pool.release(ep)
         finally:
             await self.limiter.release()
 
-    async def _send(self, request: httpx.Request, attempt: int,
-                    started: float) -> Completion | RequestFailure:
+    def _request(self, ep: Endpoint, body: bytes) -> httpx.Request:
+        url, headers = self._wire[ep.index]
+        return httpx.Request("POST", url, headers=headers, content=body,
+                             extensions=self._extensions)
+
+    async def _send(self, request: httpx.Request, attempt: int, started: float,
+                    ep: Endpoint) -> Completion | RequestFailure:
+        label = ep.label
+
         def fail(category: ErrorCategory, message: str, **kw: Any) -> RequestFailure:
-            return RequestFailure(category, message, time.monotonic() - started, attempt, **kw)
+            return RequestFailure(category, message, time.monotonic() - started, attempt,
+                                  endpoint=label, **kw)
 
         sent_at = time.monotonic()
+        outcome: Completion | RequestFailure
         try:
             # httpx's read timeout is per read; this bounds the whole exchange.
             with anyio.fail_after(self.settings.timeout_s + 1.0):
                 response = await self.http.send(request)
         except (TimeoutError, httpx.TimeoutException):
-            return fail(ErrorCategory.TIMEOUT, f"no response within {self.settings.timeout_s:g}s",
-                        retryable=True)
+            outcome = fail(ErrorCategory.TIMEOUT,
+                           f"no response within {self.settings.timeout_s:g}s", retryable=True)
         except ResponseTooLarge as exc:
-            return fail(ErrorCategory.API_ERROR, str(exc))
+            outcome = fail(ErrorCategory.API_ERROR, str(exc))
         except httpx.TransportError as exc:
-            return fail(ErrorCategory.API_ERROR,
-                        f"{type(exc).__name__}: connection failed or dropped", retryable=True)
-        return self._interpret(response, attempt, started, sent_at, fail)
+            outcome = fail(ErrorCategory.API_ERROR,
+                           f"{type(exc).__name__}: connection failed or dropped",
+                           retryable=True)
+        else:
+            outcome = self._interpret(response, attempt, started, sent_at, fail, ep)
+        self._record(ep, outcome, sent_at)
+        return outcome
+
+    def _record(self, ep: Endpoint, outcome: Completion | RequestFailure,
+                sent_at: float) -> None:
+        """Tell the pool how the endpoint did (its health and counters)."""
+        now = time.monotonic()
+        if isinstance(outcome, Completion):
+            self.pool.succeeded(ep, now, now - sent_at)
+        elif endpoint_failure(outcome):
+            self.pool.failed(ep, now, sent_at, outcome.message)
+        else:
+            self.pool.answered(ep, now)
 
     def _interpret(self, response: httpx.Response, attempt: int, started: float,
-                   sent_at: float,
-                   fail: Callable[..., RequestFailure]) -> Completion | RequestFailure:
+                   sent_at: float, fail: Callable[..., RequestFailure],
+                   ep: Endpoint) -> Completion | RequestFailure:
         status = response.status_code
         text = _body_text(response)
         if status != 200:
@@ -442,7 +550,8 @@ class LLMClient:
                     reason += f", Retry-After {asked:g}s"
                     if asked > cap:
                         reason += f" (capped at run.max_retry_after_s={cap:g}s)"
-                self.limiter.on_slow_down(retry_after, sent_at, reason)
+                # In a pool of several the endpoint's own limiter slows down, not the run's.
+                (ep.limiter or self.limiter).on_slow_down(retry_after, sent_at, reason)
             detail = _error_detail(text)
             category = ErrorCategory.RATE_LIMIT if status == 429 else ErrorCategory.API_ERROR
             if status == 400 and _context_too_long(detail, text):
@@ -460,6 +569,8 @@ class LLMClient:
             return fail(ErrorCategory.API_ERROR, "HTTP 200 but the body is not a chat completion",
                         status=status, retryable=True, raw=text[:2000])
         self.limiter.on_success()
+        if ep.limiter is not None:
+            ep.limiter.on_success()
         usage = payload.get("usage") or {}
         return Completion(
             content=content if isinstance(content, str) else None,
@@ -469,6 +580,7 @@ class LLMClient:
             response_sec=time.monotonic() - started,
             attempts=attempt,
             raw=text,
+            endpoint=ep.label,
         )
 
     def _fatal(self, status: int, text: str) -> bool:
@@ -478,6 +590,14 @@ class LLMClient:
         if status not in (400, 422):
             return False
         return names_request_field(text, self._fields)
+
+
+def _headers(api_key: str | None) -> httpx.Headers:
+    headers = {"Content-Type": "application/json", "Accept": "application/json",
+               "User-Agent": f"asyncrunner/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return httpx.Headers(headers)
 
 
 def names_request_field(body: str, fields: frozenset[str] | set[str]) -> bool:

@@ -5,7 +5,8 @@ was told: the allowed concurrency halves and everyone waits out the server's Ret
 As in TCP, a slow-down answer to a request sent before the last decrease does not halve
 again: a burst of 429s from one round of requests is one decrease, not fifty. Each success
 adds 1/limit, so the limit climbs back by about one per round of requests, and never above
-the `--workers` ceiling.
+the target: the `--workers` ceiling, or below it the value `--workers auto` tunes
+(`set_target`, see autotune.py), under which halving and climbing back work the same.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ThrottleStats:
     decreases: int
     paused_for_s: float
     pause_reason: str | None = None   # while paused: what the server said
+    target: int | None = None         # what the limit climbs back to (<= ceiling)
 
 
 # A common pause at least this long is announced (on_pause): shorter ones pass unseen.
@@ -89,6 +91,7 @@ class AdaptiveLimiter:
         that a long silence is explained on the console and in the log."""
         self.ceiling = ceiling
         self.floor = floor
+        self._target = ceiling            # the limit climbs back to this (set_target)
         self._limit = float(ceiling)
         self._allowed = ceiling           # int(self._limit), kept in step with it
         self._in_flight = 0
@@ -108,7 +111,22 @@ class AdaptiveLimiter:
             decreases=self._decreases,
             paused_for_s=max(0.0, self._paused_until - time.monotonic()),
             pause_reason=self._pause_reason if self._paused_until > time.monotonic() else None,
+            target=self._target,
         )
+
+    def set_target(self, n: int) -> int:
+        """Let the limit climb to `n` (clamped to floor..ceiling) instead of the ceiling;
+        returns the target set. A limit at the old target moves to the new one at once; a
+        limit held below it by a recent slow-down keeps climbing back one step per success,
+        and a limit above the new target drops to it (requests in flight finish)."""
+        target = max(self.floor, min(self.ceiling, n))
+        if self._limit >= self._target or self._limit > target:
+            self._limit = float(target)
+            self._allowed = target
+        self._target = target
+        if self._waiters:
+            self._wake()
+        return target
 
     async def acquire(self) -> None:
         if self._in_flight < self._allowed and not self._waiters:
@@ -162,8 +180,8 @@ class AdaptiveLimiter:
             self._waiters.popleft().set()
 
     def on_success(self) -> None:
-        if self._limit < self.ceiling:
-            self._limit = min(float(self.ceiling), self._limit + 1.0 / max(self._limit, 1.0))
+        if self._limit < self._target:
+            self._limit = min(float(self._target), self._limit + 1.0 / max(self._limit, 1.0))
             self._allowed = int(self._limit)
             if self._waiters:
                 self._wake()

@@ -55,6 +55,8 @@ class Result:
     # A failure no other request can escape either (401/403/404, a refused request field):
     # the one line describing it. Such a result is never stored; it stops the run.
     fatal: str | None = None
+    # The endpoint that answered, or failed last (its redacted URL): narrative_results.endpoint
+    endpoint: str | None = None
 
     @property
     def error_occurred(self) -> int:

@@ -20,6 +20,11 @@ and requests in flight cancelled at once), seen by the workers' gate as results 
     not stored, the narrative stays remaining;
   * the circuit breaker: the last `breaker_window` results were all errors.
 `PipelineOutcome.halted` says why, in one line.
+
+With `auto_workers` (`--workers auto`), an `Autotuner` (llm/autotune.py) runs beside the
+workers, measures the answers through a `Meter` around the HTTP session and sets the
+limiter's target; `workers` is then the ceiling (that many workers, at most that many
+requests at a time). It stops when the workers are done.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
+from asyncrunner.llm.autotune import DEFAULT_AUTOTUNE, Autotuner, AutotuneSettings, Meter
 from asyncrunner.llm.client import ClientSettings, HttpSender, LLMClient
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
 from asyncrunner.pipeline.messages import Narrative, Result
@@ -63,6 +69,8 @@ class PipelineSpec:
     tokens_per_minute: float | None = None
     handle_signals: bool = True
     breaker_window: int | None = 50     # None: no breaker
+    auto_workers: bool = False          # tune the concurrency, `workers` is the ceiling
+    autotune: AutotuneSettings = DEFAULT_AUTOTUNE
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +170,9 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
     limiter = AdaptiveLimiter(spec.workers, requests_per_minute=spec.requests_per_minute)
     budget = (TokenBudget(spec.tokens_per_minute, spec.client.max_tokens)
               if spec.tokens_per_minute else None)
-    client = LLMClient(spec.client, http, limiter, budget=budget)
+    meter = Meter(http) if spec.auto_workers else None
+    tuner = Autotuner(limiter, meter, spec.autotune) if meter is not None else None
+    client = LLMClient(spec.client, meter or http, limiter, budget=budget)
     breaker = Breaker(spec.breaker_window) if spec.breaker_window else None
 
     def gate(result: Result) -> bool:
@@ -197,6 +207,8 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
             tg.start_soon(writer.run, results_recv)
             if spec.handle_signals:
                 tg.start_soon(stop.watch)
+            if tuner is not None:
+                tg.start_soon(tuner.run)
             async with anyio.create_task_group() as work:
                 stop.work_scope = work.cancel_scope
                 work.start_soon(_produce, spec, narratives_send, stop, tg)
@@ -204,6 +216,8 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                     for _ in range(spec.workers):
                         work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
                                         results_send.clone(), gate)
+            if tuner is not None:
+                tuner.stop()
             stop.finished()
     return PipelineOutcome(stopped_by=stop.signum, last=writer.last, halted=stop.halted,
                            halt_kind=stop.halt_kind)

@@ -81,6 +81,7 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure, *,
     common: dict[str, Any] = {
         "response_sec": outcome.response_sec + sum(o.response_sec for o in earlier),
         "raw_response": outcome.raw,
+        "endpoint": outcome.endpoint,
         "prompt_tokens_total": _total([c.prompt_tokens for c in completions]),
         "completion_tokens_total": _total([c.completion_tokens for c in completions]),
     }

@@ -7,6 +7,11 @@ a commit is the one point where work becomes durable and the monitoring query ne
 counts that disagree with the rows. Inserts are `INSERT OR IGNORE` against the unique
 (experiment, incident, type) index; retry-errors-only updates errored rows in place. Both are
 idempotent, so replaying any batch after a crash changes nothing twice.
+
+Each row records the endpoint that answered (`Result.endpoint`, a redacted URL). With a
+`session_id` and `endpoint_stats` (router.EndpointPool.snapshot_json), every commit also
+stores the per-endpoint figures of the session in sessions.endpoints_json, in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -42,13 +47,13 @@ INSERT OR IGNORE INTO narrative_results (
     raw_response, response_sec, prompt_tokens, completion_tokens, error_occurred,
     error_message, error_category, attempt_count, first_error_message, last_attempt_at,
     processed_at, manual_flag_ind, manual_flag, finish_reason, answer_source,
-    prompt_tokens_total, completion_tokens_total
+    prompt_tokens_total, completion_tokens_total, endpoint
 ) VALUES (
     :experiment_id, :incident_id, :narrative_type, :detected, :confidence, :indicators,
     :rationale, :raw_response, :response_sec, :prompt_tokens, :completion_tokens,
     :error_occurred, :error_message, :error_category, :attempt_count, :error_message,
     :processed_at, :processed_at, :manual_flag_ind, :manual_flag, :finish_reason,
-    :answer_source, :prompt_tokens_total, :completion_tokens_total
+    :answer_source, :prompt_tokens_total, :completion_tokens_total, :endpoint
 )
 """
 
@@ -59,7 +64,7 @@ UPDATE narrative_results SET
     detected = :detected, confidence = :confidence, indicators = :indicators,
     rationale = :rationale, raw_response = :raw_response, response_sec = :response_sec,
     prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,
-    finish_reason = :finish_reason, answer_source = :answer_source,
+    finish_reason = :finish_reason, answer_source = :answer_source, endpoint = :endpoint,
     prompt_tokens_total = COALESCE(prompt_tokens_total, prompt_tokens, 0)
         + COALESCE(:prompt_tokens_total, 0),
     completion_tokens_total = COALESCE(completion_tokens_total, completion_tokens, 0)
@@ -79,6 +84,8 @@ UPDATE experiments SET n_narratives_completed = :done, n_narratives_processed = 
 WHERE experiment_id = :experiment_id
 """
 
+ENDPOINTS_SQL = "UPDATE sessions SET endpoints_json = ? WHERE session_id = ?"
+
 
 @dataclass(frozen=True, slots=True)
 class WriterSettings:
@@ -89,6 +96,9 @@ class WriterSettings:
     interval_s: float = 2.0
     retry_errors_only: bool = False
     max_tokens: int | None = None   # for the truncation warning
+    session_id: str | None = None   # the sessions row whose endpoints_json commits update
+    # The per-endpoint figures as JSON, read at each commit (EndpointPool.snapshot_json)
+    endpoint_stats: Callable[[], str] | None = field(default=None, compare=False, repr=False)
 
 
 # The truncation warning: once, after this many answers, when more than this share was cut
@@ -109,7 +119,7 @@ def _row(experiment_id: str, r: Result) -> dict[str, object]:
         "processed_at": r.processed_at, "manual_flag_ind": r.manual_flag_ind,
         "manual_flag": r.manual_flag, "finish_reason": r.finish_reason,
         "answer_source": r.answer_source, "prompt_tokens_total": r.prompt_tokens_total,
-        "completion_tokens_total": r.completion_tokens_total,
+        "completion_tokens_total": r.completion_tokens_total, "endpoint": r.endpoint,
     }
 
 
@@ -209,8 +219,10 @@ class ResultWriter:
         # The whole transaction is one trip to the connection's thread: each trip wakes that
         # thread and hands the GIL back and forth with the event loop, which costs the
         # workers more than the statements themselves.
+        stats = self.s.endpoint_stats
+        endpoints = stats() if stats is not None and self.s.session_id else None
         done, changed = await _on_connection_thread(
-            db, self._transaction, sql, rows, progress, self._done)
+            db, self._transaction, sql, rows, progress, self._done, endpoints)
         self._done = done
         self._session_done = session_done
         for r in batch:
@@ -252,9 +264,11 @@ class ResultWriter:
                                          | self._waiting_fields())))
 
     def _transaction(self, conn: sqlite3.Connection, sql: str, rows: list[dict[str, object]],
-                     progress: dict[str, object], done_before: int | None) -> tuple[int, int]:
-        """On the connection's thread: write the batch and the progress row in one
-        transaction, or roll it back whole. Returns (results stored now, rows changed).
+                     progress: dict[str, object], done_before: int | None,
+                     endpoints: str | None = None) -> tuple[int, int]:
+        """On the connection's thread: write the batch, the progress row and the session's
+        endpoint figures (`endpoints`, if any) in one transaction, or roll it back whole.
+        Returns (results stored now, rows changed).
 
         The stored count is taken once, in the session's first commit; after that it is a
         running count: the writer is the only code that writes results and the experiment
@@ -271,6 +285,8 @@ class ResultWriter:
             else:
                 done = done_before if self.s.retry_errors_only else done_before + changed
             conn.execute(PROGRESS_SQL, {**progress, "done": done})
+            if endpoints is not None:
+                conn.execute(ENDPOINTS_SQL, (endpoints, self.s.session_id))
             conn.execute("COMMIT")
         except BaseException:
             # SQLite rolls a transaction back by itself on some errors (a full disk among

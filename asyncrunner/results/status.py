@@ -29,8 +29,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from asyncrunner.db import drops, locks, sessions, store
+from asyncrunner.db import batches, drops, locks, sessions, store
 from asyncrunner.errors import RefusedError
+from asyncrunner.llm.router import endpoint_line
 from asyncrunner.results.metrics import (
     Confusion,
     Interval,
@@ -213,6 +214,8 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str, *,
         "decisions_available": decisions.applied,
         "metrics": None,
         "case_metrics": None,
+        "batches": batches.batch_info(conn, experiment_id),
+        "endpoints": _endpoints(all_sessions),
     }
     if row["status"] == Status.COMPLETED:
         # Against the manual labels, the stored JSON as it is, so --json shows what
@@ -232,10 +235,30 @@ def _session_json(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cost(model_cfg: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> float | None:
+    """From model.price_per_mtok ({input, output} per million tokens), else the older
+    price_per_1k_input/output; None without prices."""
+    per_mtok = model_cfg.get("price_per_mtok")
+    if isinstance(per_mtok, dict):
+        return round(prompt_tokens / 1e6 * (per_mtok.get("input") or 0)
+                     + completion_tokens / 1e6 * (per_mtok.get("output") or 0), 4)
     pin, pout = model_cfg.get("price_per_1k_input"), model_cfg.get("price_per_1k_output")
     if pin is None and pout is None:
         return None
     return round(prompt_tokens / 1000 * (pin or 0) + completion_tokens / 1000 * (pout or 0), 4)
+
+
+def _endpoints(all_sessions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per endpoint of the pool, as of the newest session's last commit
+    ({"as_of", "endpoints": [...]}, see llm/router.py); None before schema version 9."""
+    for s in reversed(all_sessions):
+        raw = s.get("endpoints_json")
+        if raw:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
 
 
 def _fmt(value: float | None) -> str:
@@ -318,6 +341,10 @@ def render_detail(info: dict[str, Any]) -> str:
         lines.append(f"  earlier    metrics of {old['completed_at']} ({old['n_results']} "
                      f"results, {old['n_errors']} errors): precision {_fmt(old['precision'])}, "
                      f"recall {_fmt(old['recall'])}, F1 {_fmt(old['f1'])}")
+    lines += [f"  {line}" for line in batches.batch_lines(info.get("batches") or [])]
+    pool = (info.get("endpoints") or {}).get("endpoints") or []
+    if len(pool) > 1:
+        lines += [f"  {endpoint_line(e)}" for e in pool if isinstance(e, dict)]
     lines.append(_labels_line(info))
     if info["metrics"]:
         lines += _metrics_lines(MetricsReport.from_dict(info["metrics"]), info)

@@ -8,6 +8,8 @@
                 repair turns), completion and errors out
     http.py     the HTTP/1.1 wire layer (asyncio.Protocol), connection counts
     server.py   MockServer, routing, capacity queue, statistics, `serve_forever`
+    batch.py    the Batch API (/v1/files, /v1/batches): batches on a clock, partial
+                failures, expiry, output and error files, counters
     synth.py    synthetic sample data (`python -m asyncrunner.sim.synth`), not imported here
 
 Everything listens on 127.0.0.1 only.
@@ -15,6 +17,7 @@ Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+from .batch import BatchOptions, BatchStats
 from .faults import FaultConfig
 from .model import (
     IPV_CUES,
@@ -30,6 +33,8 @@ __all__ = [
     "IPV_CUES",
     "NOISE_PERCENT",
     "REFERENCE_MODEL",
+    "BatchOptions",
+    "BatchStats",
     "Classification",
     "FaultConfig",
     "MockServer",

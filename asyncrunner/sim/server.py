@@ -2,13 +2,17 @@
 
 This module owns `MockServer`, an OpenAI-compatible endpoint on 127.0.0.1:
 
-  * routing: POST /v1/chat/completions and /chat/completions, GET /v1/models, GET /health;
+  * routing: POST /v1/chat/completions and /chat/completions, GET /v1/models, GET /health,
+    and the Batch API under /v1/files and /v1/batches (batch.py: files, batches on a clock,
+    output and error files; every batch line answered by `_batch_answer`, the chat
+    endpoint's own model, faults and refusals);
   * the life of a completion request: the endpoint-wide refusals (`fail_status` 401/403/404
     on every request, a wrong `api_key`: 401, a response_format in `reject_response_formats`:
     the 400 llama.cpp or LM Studio send), the `max_concurrent` refusal (429), the seeded fault
     draw, the `capacity` queue (at most K served at once, the rest wait in arrival order), the
     latency timer, and the answer built by `model.py`, `faults.py` and `api.py`: per model
-    name, temperature and seed (model.py), within a json_schema's maxItems/maxLength, cut at
+    name, temperature and seed (model.py), within a json_schema's maxItems/maxLength, the
+    400 of a model whose context is too small for a prompt over `max_context_chars`, cut at
     the request's max_tokens with finish_reason "length" when `truncate_at_max_tokens` is on
     and the answer needs more, invalid JSON on a narrative's first request under
     `invalid_first_rate` (a repair turn or a resample then gets the valid answer);
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import signal
 import sys
 import time
@@ -35,6 +40,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 from . import api
+from .batch import BatchApi, BatchOptions
 from .faults import (
     FAIL_STATUSES,
     HANG,
@@ -53,6 +59,7 @@ from .model import Classification, classify_text, text_hash
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
+BATCH_PATH_PREFIXES = ("/v1/files", "/v1/batches", "/files", "/batches")
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
 
 STOP_GRACE_S = 0.5
@@ -83,6 +90,11 @@ class ServerStats:
         default_factory=lambda: MappingProxyType({}))
     last_response_format: Any = None       # the last one received, as sent (decoded JSON)
     last_seed: int | None = None           # the last completion request's seed
+    files_uploaded: int = 0                # Batch API (batch.py): POST /v1/files
+    batches_created: int = 0               # POST /v1/batches
+    batch_polls: int = 0                   # GET /v1/batches/{id}
+    file_downloads: int = 0                # GET /v1/files/{id}/content
+    batch_lines: int = 0                   # request lines in the batches created
 
     def outcome(self, name: str) -> int:
         return self.by_outcome.get(name, 0)
@@ -133,6 +145,10 @@ class MockServer:
     model); `api_key`: 401 unless the request carries `Authorization: Bearer <api_key>`.
     `truncate_at_max_tokens`: an answer longer than the request's max_tokens is cut there,
     finish_reason "length".
+    `max_context_chars`: a request whose messages hold more characters is answered with
+    the 400 of a prompt too long for the model's context (a `data_error` to the client).
+    `batch_delay_s`, `batch_expire_after_s`: how long a batch takes, and when it expires
+    with the lines answered by then (batch.py; `batches.options` changes them later).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
@@ -140,7 +156,9 @@ class MockServer:
                  model: str = "mock-classifier", max_concurrent: int | None = None,
                  capacity: int | None = None, latency_jitter_ms: float = 0.0,
                  reject_response_formats: Iterable[str] = (), fail_status: int | None = None,
-                 api_key: str | None = None, truncate_at_max_tokens: bool = False) -> None:
+                 api_key: str | None = None, truncate_at_max_tokens: bool = False,
+                 max_context_chars: int | None = None, batch_delay_s: float = 0.0,
+                 batch_expire_after_s: float | None = None) -> None:
         if host not in ("127.0.0.1", "localhost"):
             # A simulator that answers anyone on the network is never what a test wants.
             raise ValueError(f"MockServer listens on loopback only, not {host!r}")
@@ -152,6 +170,8 @@ class MockServer:
             raise ValueError("capacity must be >= 1 or None")
         if fail_status is not None and fail_status not in FAIL_STATUSES:
             raise ValueError(f"fail_status must be one of {FAIL_STATUSES} or None")
+        if max_context_chars is not None and max_context_chars < 1:
+            raise ValueError("max_context_chars must be >= 1 or None")
         self.host = "127.0.0.1"  # "localhost" could resolve to ::1 and miss the URL below
         self.port = port
         self.latency_ms = latency_ms
@@ -165,6 +185,9 @@ class MockServer:
         self.fail_status = fail_status
         self.api_key = api_key
         self.truncate_at_max_tokens = truncate_at_max_tokens
+        self.max_context_chars = max_context_chars
+        self.batches = BatchApi(self._batch_answer,
+                                BatchOptions(batch_delay_s, batch_expire_after_s))
         self._draws = FaultDraws(faults, seed)
         self._answered_invalid: set[tuple[str, int]] = set()   # invalid_first_rate
         self._http = HttpServer(self)
@@ -246,6 +269,7 @@ class MockServer:
             by_response_format=MappingProxyType(dict(self._formats)),
             last_response_format=self._last_format,
             last_seed=self._last_seed,
+            **_vars_of(self.batches.stats()),
         )
 
     def request_times(self) -> tuple[float, ...]:
@@ -263,6 +287,7 @@ class MockServer:
         self._prompt_tokens = self._completion_tokens = self._repair_turns = 0
         self._formats.clear()
         self._last_format = self._last_seed = None
+        self.batches.reset_stats()
         self._http.reset_peak()
 
     def _send(self, exchange: Exchange, outcome: str, response: HttpResponse) -> None:
@@ -288,6 +313,13 @@ class MockServer:
             self._send(exchange, "models", api.model_list(self.model, self._created))
         elif path in HEALTH_PATHS and request.method == "GET":
             self._send(exchange, "health", HttpResponse(200, _HEALTH_BODY))
+        elif path.startswith(BATCH_PATH_PREFIXES):
+            refusal = self._refusal(exchange)
+            if refusal is not None:
+                self._send(exchange, *refusal)
+            else:
+                self._send(exchange, *self.batches.handle(request.method, path,
+                                                          request.headers, request.body))
         else:
             self._send(exchange, "not_found", api.error_response(
                 404, f"no route for {request.method} {request.path[:100]}",
@@ -301,14 +333,19 @@ class MockServer:
 
     # -- the life of a completion ------------------------------------------------------
 
-    def _completion(self, exchange: Exchange) -> None:
+    def _refusal(self, exchange: Exchange) -> tuple[str, HttpResponse] | None:
+        """The endpoint-wide refusals: `fail_status` on every request, a wrong key."""
         if self.fail_status is not None:
-            self._send(exchange, f"status_{self.fail_status}",
-                       status_failure(self.fail_status, self.model))
-            return
+            return f"status_{self.fail_status}", status_failure(self.fail_status, self.model)
         if self.api_key is not None and exchange.request.headers.get(
                 "authorization", "") != f"Bearer {self.api_key}":
-            self._send(exchange, "status_401", status_failure(401, self.model))
+            return "status_401", status_failure(401, self.model)
+        return None
+
+    def _completion(self, exchange: Exchange) -> None:
+        refusal = self._refusal(exchange)
+        if refusal is not None:
+            self._send(exchange, *refusal)
             return
         if self.max_concurrent is not None and self._in_flight >= self.max_concurrent:
             # Refused requests are not "in flight": max_in_flight counts admitted work only.
@@ -327,6 +364,10 @@ class MockServer:
         if kind in self.reject_response_formats:
             self._send(exchange, "format_rejected", format_rejection(kind))
             return
+        too_long = self._context_refusal(request)
+        if too_long is not None:
+            self._send(exchange, "context_too_long", too_long)
+            return
         outcome = self._draws.next()
         if outcome == RESET:
             self._outcomes[outcome] += 1
@@ -344,6 +385,47 @@ class MockServer:
             self._max_queued = max(self._max_queued, self._queued)
         else:
             self._serve(job)
+
+    def _context_refusal(self, request: api.CompletionRequest) -> HttpResponse | None:
+        """OpenAI's 400 for a prompt longer than the model's context, if it is."""
+        limit = self.max_context_chars
+        if limit is None:
+            return None
+        chars = sum(len(api.message_text(m.get("content"))) for m in request.messages)
+        if chars <= limit:
+            return None
+        return api.error_response(
+            400, f"This model's maximum context length is {max(1, limit // 4)} tokens. "
+                 f"However, your messages resulted in {max(1, chars // 4)} tokens. Please "
+                 "reduce the length of the messages.", "invalid_request_error")
+
+    def _batch_answer(self, body: Any) -> tuple[int, Any] | None:
+        """One batch line, answered as the chat endpoint would answer it: the same parsing,
+        refusals, fault draw and model; a hang or reset is no answer at all (None)."""
+        try:
+            request = api.parse_completion_body(json.dumps(body).encode())
+        except ValueError as exc:
+            return 400, _decoded(api.error_response(400, str(exc), "invalid_request_error"))
+        kind = request.response_format_type
+        self._formats[kind] += 1
+        self._last_format = request.response_format
+        self._last_seed = request.seed
+        if kind in self.reject_response_formats:
+            return 400, _decoded(format_rejection(kind))
+        too_long = self._context_refusal(request)
+        if too_long is not None:
+            return 400, _decoded(too_long)
+        outcome = self._draws.next()
+        if outcome in (HANG, RESET):
+            return None
+        error = error_answer(outcome, self.faults)
+        if error is not None:
+            return error.status, _decoded(error)
+        response, tokens = self._chat_completion(outcome, request,
+                                                 api.narrative_text(request.messages))
+        self._prompt_tokens += tokens[0]
+        self._completion_tokens += tokens[1]
+        return response.status, _decoded(response)
 
     def _job(self, exchange: Exchange, outcome: str, request: api.CompletionRequest) -> _Job:
         if outcome == HANG:
@@ -489,6 +571,19 @@ def _within_schema(answer: Classification, schema: dict[str, Any]) -> Classifica
     return Classification(answer.detected, answer.confidence, indicators, rationale)
 
 
+def _decoded(response: HttpResponse) -> Any:
+    """An answer's body as a batch line holds it: the JSON, or the text if it is none."""
+    try:
+        return json.loads(response.body)
+    except ValueError:
+        return response.body.decode("utf-8", "replace")
+
+
+def _vars_of(stats: Any) -> dict[str, Any]:
+    """A slotted dataclass's fields as keyword arguments."""
+    return {f.name: getattr(stats, f.name) for f in fields(stats)}
+
+
 def _histogram(arrivals: array[float]) -> tuple[int, ...]:
     if not arrivals:
         return ()
@@ -503,7 +598,8 @@ def _histogram(arrivals: array[float]) -> tuple[int, ...]:
 
 _SERVER_KWARGS = frozenset({"seed", "model", "max_concurrent", "capacity", "latency_jitter_ms",
                             "reject_response_formats", "fail_status", "api_key",
-                            "truncate_at_max_tokens"})
+                            "truncate_at_max_tokens", "max_context_chars", "batch_delay_s",
+                            "batch_expire_after_s"})
 
 
 def _split_options(error_rate: float,
@@ -525,7 +621,8 @@ def serve_forever(port: int, latency_ms: float, error_rate: float, **fault_kwarg
 
     `fault_kwargs` takes FaultConfig fields (rate_429=0.1, ...) and the MockServer options
     seed, model, max_concurrent, capacity, latency_jitter_ms, reject_response_formats,
-    fail_status, api_key and truncate_at_max_tokens. Runs on uvloop when it is installed
+    fail_status, api_key, truncate_at_max_tokens, max_context_chars, batch_delay_s and
+    batch_expire_after_s. Runs on uvloop when it is installed
     (never required).
     """
     from ..errors import UsageError

@@ -1,0 +1,147 @@
+"""`asyncrunner batch-file`: a new experiment whose requests go to a JSONL file instead of
+the network, for an offline node (`vllm run-batch`) or a Batch API upload by hand.
+
+    config -> the plan, as `run` makes it (ingest, guards) -> the experiment record, its
+    sample and a session row (one transaction) -> every narrative of the selection as a
+    request line (BatchCodec.line), written atomically, mode 0600 -> the experiment waits,
+    `interrupted`, for `batch-import` (pipeline.batch_import), which reads the answers back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import uuid
+from collections.abc import Mapping
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from asyncrunner import logs
+from asyncrunner.config import Config
+from asyncrunner.db import batches, experiments, sample, sessions
+from asyncrunner.db.locks import ExperimentLock
+from asyncrunner.db.schema import connect
+from asyncrunner.llm.client import normalize_api_url, redact_url
+from asyncrunner.pipeline.batch_codec import BatchCodec, resolve_mode
+from asyncrunner.pipeline.messages import Narrative
+from asyncrunner.pipeline.producer import PAGE_SIZE, produce
+from asyncrunner.pipeline.runner import PipelineSpec
+from asyncrunner.settings import settings_hash
+from asyncrunner.vocab import SessionEnd, Status
+
+if TYPE_CHECKING:
+    from asyncrunner.plan import RunPlan
+
+log = structlog.get_logger("asyncrunner.pipeline.batch_file")
+
+WAITING_REASON = "waiting for batch-import"
+
+
+def batch_file_command(db_path: str | Path, config_path: str | Path, out_path: str | Path, *,
+                       overrides: Mapping[str, Any], env: Mapping[str, str],
+                       out: IO[str] = sys.stdout) -> int:
+    """`asyncrunner batch-file`: a new experiment, as `run` creates it (ingest, guards,
+    record), whose requests are written to `out_path` (JSONL, atomically, mode 0600) instead
+    of sent; it waits, `interrupted`, for `batch-import`."""
+    from asyncrunner.db import backup
+    from asyncrunner.plan import RunRequest, complete, draft
+    from asyncrunner.session import pipeline_spec
+
+    req = RunRequest(db_path=Path(db_path), config_path=str(config_path),
+                     overrides=dict(overrides), env=env)
+    d = draft(req)
+    target = Path(out_path)
+    with closing(connect(req.db_path)) as conn, ExperimentLock(req.db_path, d.experiment_id):
+        if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is not None:
+            backup.check_disk(req.db_path, 0, with_backup=True)
+            backup.make_backup(req.db_path, label=backup.RUN_BACKUP)
+        plan = complete(conn, d)
+        spec = pipeline_spec(plan)
+        session_id = uuid.uuid4().hex
+        _create_record(conn, plan, session_id)
+        print(f"experiment_id: {plan.experiment_id}", file=out, flush=True)
+        try:
+            logs.open_run_log(plan.config.run.log_dir, plan.experiment_id)
+            logs.bind(experiment_id=plan.experiment_id, session=session_id)
+            for warning in plan.warnings:
+                log.warning("plan_warning", message=warning)
+            mode = resolve_mode(conn, plan.experiment_id, plan.config.model.response_format)
+            codec = BatchCodec(replace(spec.client,
+                                       response_format=None if mode == "none" else mode),
+                               spec.prompt)
+            n = anyio.run(_write_file, codec, spec, target)
+        except BaseException as exc:
+            reason = f"batch file not written: {type(exc).__name__}: {exc}"[:500]
+            experiments.set_status(conn, plan.experiment_id, Status.FAILED, reason)
+            sessions.end_session(conn, session_id, SessionEnd.FAILED, reason)
+            raise
+        finally:
+            logs.close_run_log()
+            logs.clear()
+        reason = f"{WAITING_REASON}: {n} requests in {target}"
+        experiments.set_status(conn, plan.experiment_id, Status.INTERRUPTED, reason[:500])
+        sessions.end_session(conn, session_id, SessionEnd.INTERRUPTED, reason[:500])
+    print(f"batch file: {target} ({n} requests, model {plan.config.model.name})", file=out)
+    print(f"next: run it (OpenAI Batch API, or `vllm run-batch -i {target} -o ANSWERS.jsonl "
+          f"--model {plan.config.model.name}`), then `asyncrunner batch-import "
+          f"{plan.experiment_id} ANSWERS.jsonl`", file=out)
+    return 0
+
+
+def _create_record(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
+    """The experiment's record, its sample and the session row: one transaction."""
+    cfg: Config = plan.config
+    api_url = redact_url(normalize_api_url(cfg.model.api_url))
+    settings = cfg.to_dict()
+    settings["model"]["api_url"] = api_url
+
+    def write() -> None:
+        assert plan.ingest is not None
+        experiments.create(
+            conn, cfg, experiment_id=plan.experiment_id, data_file=str(cfg.data.file),
+            checksum=plan.ingest.data_checksum, n_total=plan.total, api_url=api_url,
+            log_dir=str(Path(cfg.run.log_dir) / plan.experiment_id),
+            sample_json=json.dumps(cfg.data.sample) if cfg.data.sample is not None else None)
+        if plan.sample_keys is not None:
+            sample.store(conn, plan.experiment_id, list(plan.sample_keys))
+        sessions.open_session(
+            conn, session_id=session_id, experiment_id=plan.experiment_id, intent="batch-file",
+            target=plan.target, settings=settings, settings_hash=settings_hash(settings),
+            diff={}, allowed_drift=[], retry_categories=None)
+
+    batches.transaction(conn, write)
+
+
+async def _write_file(codec: BatchCodec, spec: PipelineSpec, target: Path) -> int:
+    """Every narrative of the selection as a request line, into `target` atomically (a
+    private temporary file beside it, renamed when complete). Returns the line count."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            send, recv = anyio.create_memory_object_stream[Narrative](PAGE_SIZE)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce, spec.db_path, spec.selection, send)
+                async with recv:
+                    async for narrative in recv:
+                        fh.write(codec.line(narrative))
+                        n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return n
+
+
