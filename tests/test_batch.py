@@ -65,7 +65,7 @@ def resume(db: Path, experiment_id: str) -> Any:
 
 
 def rows(db: Path, experiment_id: str) -> dict[tuple[str, str], tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         found = conn.execute(
             f"SELECT incident_id, narrative_type, {', '.join(RESULT_FIELDS)} "
             "FROM narrative_results WHERE experiment_id = ?", (experiment_id,)).fetchall()
@@ -75,7 +75,7 @@ def rows(db: Path, experiment_id: str) -> dict[tuple[str, str], tuple[Any, ...]]
 
 
 def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         return conn.execute(sql, params).fetchall()
 
 
@@ -220,7 +220,7 @@ def test_a_lost_chunk_the_provider_cannot_create_is_submitted_again(
         start(db, batch_config(tmp_path, server))
     experiment_id = query(db, "SELECT experiment_id FROM experiments")[0][0]
     # As if killed after recording a chunk whose file the provider no longer has.
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         conn.execute("INSERT INTO batches (batch_id, experiment_id, chunk, input_file_id, "
                      "status, n_requests, submitted_at) VALUES ('submitting:file-gone', ?, 1, "
                      "'file-gone', 'submitting', 1, 'then')", (experiment_id,))
@@ -305,7 +305,7 @@ def test_a_stopped_run_resumes_polling_the_same_batch(tmp_path: Path, server_fac
         assert "resume" in stderr.splitlines()[-1]
     if how.startswith("kill-9-before"):     # as if killed before the batch id was stored
         file_id = query(db, "SELECT input_file_id FROM batches")[0][0]
-        with sqlite3.connect(db) as conn:
+        with closing(sqlite3.connect(db)) as conn:
             conn.execute("UPDATE batches SET batch_id = ?, status = 'submitting'",
                          (f"submitting:{file_id}",))
             conn.execute("UPDATE batch_items SET batch_id = ?", (f"submitting:{file_id}",))

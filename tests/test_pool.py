@@ -18,6 +18,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -502,7 +503,7 @@ async def test_no_endpoint_answering_for_down_s_is_a_fatal_failure() -> None:
 
 async def test_the_writer_stores_the_endpoint_and_the_sessions_figures(tmp_path: Path) -> None:
     with open_database(tmp_path) as db:
-        with sqlite3.connect(db) as conn:
+        with closing(sqlite3.connect(db)) as conn, conn:
             conn.execute("INSERT INTO sessions (session_id, experiment_id, intent, started_at) "
                          "VALUES ('s1', ?, 'new', '2025-01-01T00:00:00Z')", (EXPERIMENT_ID,))
         calls: list[int] = []

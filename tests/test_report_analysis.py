@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,8 +162,8 @@ def test_confusion_by_type(tmp_path: Path) -> None:
             adjudicated, label="adjudicated label")
     finally:
         conn.close()
-    hostile = section_confusion_by_type(metrics_report(
-        make(tmp_path / "z.db", [Row("1", "<b>T</b>", 1, label=1)]), EID))
+    with closing(make(tmp_path / "z.db", [Row("1", "<b>T</b>", 1, label=1)])) as other:
+        hostile = section_confusion_by_type(metrics_report(other, EID))
     assert "&lt;b&gt;T&lt;/b&gt;" in hostile and "<b>T" not in hostile
 
 
