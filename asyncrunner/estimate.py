@@ -37,7 +37,7 @@ from asyncrunner.llm.client import (
     normalize_api_url,
     redact_url,
 )
-from asyncrunner.llm.setup import client_settings
+from asyncrunner.llm.setup import client_settings, endpoints_from
 from asyncrunner.pipeline.progress import format_duration
 from asyncrunner.textsafe import for_terminal
 
@@ -484,6 +484,7 @@ def plan_command(config_path: str, *, probe: int | None, overrides: Mapping[str,
                  env: Mapping[str, str], out: IO[str]) -> int:
     """`asyncrunner plan CONFIG.yaml [--probe K]`: the report to `out`; 0, or an error."""
     cfg = load_config(config_path, overrides=overrides, env=env)
+    endpoints_from(cfg, env)              # what run would refuse, plan refuses too
     report = make_plan(cfg, probe=probe, env=env, out=out)
     _write(out, render(cfg, report.workload, report.estimate, report.probe))
     probed = report.probe

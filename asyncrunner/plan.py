@@ -63,7 +63,8 @@ from asyncrunner.db.ingest import (
 )
 from asyncrunner.errors import InputError, UsageError
 from asyncrunner.ids import new_experiment_id, require_uuid
-from asyncrunner.llm.client import normalize_api_url, redact_url
+from asyncrunner.llm.client import redact_model_urls
+from asyncrunner.llm.setup import endpoints_from
 from asyncrunner.pipeline.producer import WorkSelection
 from asyncrunner.settings import (
     Kind,
@@ -199,10 +200,12 @@ def draft(req: RunRequest) -> Draft:
     if req.config is not None:
         experiment_id = (require_uuid(req.new_experiment_id) if req.new_experiment_id
                          else new_experiment_id())
+        endpoints_from(req.config, req.env)
         return Draft(req, Intent.NEW, experiment_id, req.config)
     if not req.config_path:
         raise InputError("run needs a CONFIG.yaml (or RESUME=1 with EXPERIMENT_ID to resume)")
     cfg = load_config(req.config_path, overrides=req.overrides, env=req.env)
+    endpoints_from(cfg, req.env)          # refuses what no request could carry
     return Draft(req, Intent.NEW, new_experiment_id(), cfg)
 
 
@@ -304,6 +307,7 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     retry = d.intent is Intent.RETRY_ERRORS
     record = require_resumable(conn, experiment_id, force=req.force, retry_errors_only=retry)
     s = _resume_config(req, record)
+    endpoints_from(s.config, req.env)
     warnings = list(s.warnings)
     legacy: LegacySet | None = None
     if record.data_checksum:
@@ -393,15 +397,8 @@ def _stored_dict(record: store.ExperimentRecord) -> tuple[dict[str, Any], set[st
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """As stored: the URL normalized and redacted (the stored one has no credentials)."""
-    flat = flatten(config)
-    if isinstance(flat.get("model.api_url"), str):
-        flat["model.api_url"] = redact_url(normalize_api_url(flat["model.api_url"]))
-    if isinstance(flat.get("model.endpoints"), list):
-        flat["model.endpoints"] = [
-            {**e, "api_url": redact_url(normalize_api_url(e["api_url"]))}
-            if isinstance(e, dict) and isinstance(e.get("api_url"), str) else e
-            for e in flat["model.endpoints"]]
-    return unflatten(flat)
+    model = config.get("model")
+    return {**config, "model": redact_model_urls(model)} if isinstance(model, dict) else config
 
 
 def _resume_config(req: RunRequest, record: store.ExperimentRecord) -> _Settings:

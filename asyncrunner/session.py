@@ -48,7 +48,7 @@ from contextlib import AsyncExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import anyio
 import httpx
@@ -75,6 +75,8 @@ from asyncrunner.llm.client import (
     endpoint_settings,
     make_http_client,
     normalize_api_url,
+    redact_endpoint_urls,
+    redact_model_urls,
     redact_url,
 )
 from asyncrunner.llm.probe import ProbeError, ProbeResult, probe
@@ -279,22 +281,14 @@ def _session_settings(cfg: Config) -> dict[str, object]:
     return settings
 
 
-def _redacted_endpoints(endpoints: object) -> object:
-    """model.endpoints as stored and logged: each URL redacted (client.redact_url)."""
-    if not isinstance(endpoints, list):
-        return endpoints
-    return [{**e, "api_url": redact_url(normalize_api_url(str(e.get("api_url", ""))))}
-            if isinstance(e, dict) else e for e in endpoints]
-
-
 def _redacted(cfg: Config) -> Config:
     """The configuration with its endpoint URLs redacted (api_url is redacted where it is
     stored: experiments.create takes it apart)."""
     endpoints = cfg.model.endpoints
     if endpoints is None:
         return cfg
-    return replace(cfg, model=replace(cfg.model, endpoints=[
-        {**e, "api_url": redact_url(normalize_api_url(e["api_url"]))} for e in endpoints]))
+    return replace(cfg, model=replace(cfg.model, endpoints=cast(
+        list[dict[str, Any]], redact_endpoint_urls(endpoints))))
 
 
 def _stored_url(cfg: Config) -> str:
@@ -311,7 +305,7 @@ def _session_diff(cfg: Config, diff: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, change in diff.items():
         if key == "model.endpoints" and isinstance(change, Mapping):
-            change = {side: _redacted_endpoints(v) for side, v in change.items()}
+            change = {side: redact_endpoint_urls(v) for side, v in change.items()}
             if change.get("stored") == change.get("session"):
                 continue
         elif key == "model.api_url" and cfg.model.endpoints:
@@ -330,7 +324,7 @@ def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> 
     if plan.stored_config is not None:
         stored = json.loads(json.dumps(dict(plan.stored_config), default=str))
         if isinstance(stored.get("model"), dict):
-            stored["model"]["endpoints"] = _redacted_endpoints(stored["model"].get("endpoints"))
+            stored["model"] = redact_model_urls(stored["model"])
         experiments.record_config(conn, experiment_id, session_id, stored,
                                   list(plan.config_changes))
     if plan.previous_status is Status.COMPLETED:
@@ -403,7 +397,7 @@ def _log_config(cfg: Config) -> None:
     """A summary of what this session runs with; the key's variable name, never its value."""
     m, r = cfg.model, cfg.run
     log.info("config", model=m.name, provider=m.provider, api_url=_stored_url(cfg),
-             endpoints=_redacted_endpoints(m.endpoints), endpoint_down_s=r.endpoint_down_s,
+             endpoints=redact_endpoint_urls(m.endpoints), endpoint_down_s=r.endpoint_down_s,
              api_key_env=m.api_key_env, temperature=m.temperature, max_tokens=m.max_tokens,
              timeout_s=m.timeout_s, prompt_version=cfg.prompt.version, workers=r.workers,
              batch_size=r.batch_size, max_attempts=r.max_attempts, seed=r.seed,

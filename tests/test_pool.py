@@ -15,6 +15,8 @@ import io
 import json
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -27,7 +29,7 @@ import anyio
 import httpx
 import pytest
 import yaml
-from conftest import ServerThread, experiment_id_from, run_cli, write_fixture_csv
+from conftest import ROOT, ServerThread, cli_env, experiment_id_from, run_cli, write_fixture_csv
 from pipeline_helpers import EXPERIMENT_ID, make_result, open_database
 from test_runner import cases
 
@@ -701,3 +703,26 @@ def test_the_cli_runs_a_pool_of_two(tmp_path: Path,
     assert_exactly_once(db, 40)
     assert set(endpoint_counts(db)) == {a.server.url, b.server.url}
     assert [e["state"] for e in session_endpoints(db)] == [UP, UP]
+
+
+def test_url_credentials_beside_an_api_key_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Basic auth in the URL and a bearer key cannot both be sent: run, plan and a resume
+    refuse before anything is written (the transport used to fail mid-run)."""
+    data = write_fixture_csv(tmp_path / "data.csv", cases(3))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name": "m", "api_key_env": "POOL_TEST_KEY",
+                  "endpoints": [{"api_url": "http://127.0.0.1:9/v1"},
+                                {"api_url": "http://user:pw-SECRET@127.0.0.1:9/v1"}]},
+        "data": {"file": str(data)},
+        "run": {"output_dir": str(tmp_path / "out"), "log_dir": str(tmp_path / "logs")}}))
+    env = cli_env(POOL_TEST_KEY="sk-POOL-SECRET")
+    db = tmp_path / "runs.db"
+    for args in (("run", str(cfg), "--db", str(db)), ("plan", str(cfg))):
+        done = subprocess.run([sys.executable, "-m", "asyncrunner", *args],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and "SECRET" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(
+            "asyncrunner: error: config key 'model.endpoints[1].api_url' carries user:password")
+    assert not db.exists()

@@ -392,3 +392,21 @@ def test_sigterm_stops_the_study_at_once_and_says_how_to_go_on(tmp_path: Path,
     assert [r[0] for r in query(db, "SELECT status FROM experiments ORDER BY rowid")] == \
         ["completed", "interrupted"]
     assert not list(tmp_path.glob(".resume_lock_*"))     # the study's lock and the cell's
+
+
+def test_the_stored_study_holds_no_credential_of_its_urls(tmp_path: Path,
+                                                          console: io.StringIO) -> None:
+    """studies.spec_json keeps endpoint URLs as every stored configuration does: without
+    user:password or query (a resume takes credentials from the environment)."""
+    base_config(tmp_path, api_url="http://user:pw-SECRET@127.0.0.1:9/v1?key=QSECRET",
+                api_key_env=None, provider="mock")
+    grid = {"model.endpoints": [[{"api_url": "http://u:pw-SECRET2@127.0.0.1:9/v1?k=Q2"}]]}
+    db = tmp_path / "study.db"
+    code, out = sweep(db, write_sweep(tmp_path, grid, repeats=1))
+    study_id = out.splitlines()[0].split(": ", 1)[1]
+    stored = query(db, "SELECT spec_json FROM studies")[0][0]
+    assert "SECRET" not in stored and "QSECRET" not in stored and "Q2" not in stored
+    assert "http://127.0.0.1:9/v1/chat/completions" in stored
+    assert study_spec(db, study_id)["base"]["model"]["api_url"] == (
+        "http://127.0.0.1:9/v1/chat/completions")
+    assert code == 0, out

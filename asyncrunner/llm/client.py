@@ -187,6 +187,25 @@ def redact_url(url: str) -> str:
     return str(parsed.copy_with(userinfo=b"", query=None))
 
 
+def redact_endpoint_urls(endpoints: object) -> object:
+    """model.endpoints as stored and logged: each URL normalized and redacted."""
+    if not isinstance(endpoints, list):
+        return endpoints
+    return [{**e, "api_url": redact_url(normalize_api_url(str(e.get("api_url", ""))))}
+            if isinstance(e, dict) else e for e in endpoints]
+
+
+def redact_model_urls(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's `model` mapping as stored and logged: api_url and every endpoint URL
+    normalized and redacted."""
+    out = dict(model)
+    if isinstance(out.get("api_url"), str):
+        out["api_url"] = redact_url(normalize_api_url(out["api_url"]))
+    if "endpoints" in out:
+        out["endpoints"] = redact_endpoint_urls(out["endpoints"])
+    return out
+
+
 def endpoint_settings(url: str, *, weight: float = 1.0, max_concurrency: int | None = None,
                       api_key: str | None = None) -> EndpointSettings:
     """One endpoint of a pool: its URL completed as requests are posted to it, and labelled

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import httpx
+
 from asyncrunner.config import Config
+from asyncrunner.errors import ConfigError
 from asyncrunner.llm.client import ClientSettings, endpoint_settings
 from asyncrunner.llm.router import EndpointSettings
 
@@ -18,12 +21,21 @@ def endpoints_from(cfg: Config, env: Mapping[str, str]) -> tuple[EndpointSetting
     def key(name: str | None) -> str | None:
         return (env.get(name) if name else None) or None
 
+    found: tuple[EndpointSettings, ...]
     if not m.endpoints:
-        return (endpoint_settings(m.api_url, api_key=key(m.api_key_env)),)
-    return tuple(endpoint_settings(e["api_url"], weight=float(e.get("weight") or 1.0),
-                                   max_concurrency=e.get("max_concurrency"),
-                                   api_key=key(e.get("api_key_env") or m.api_key_env))
-                 for e in m.endpoints)
+        found = (endpoint_settings(m.api_url, api_key=key(m.api_key_env)),)
+    else:
+        found = tuple(endpoint_settings(e["api_url"], weight=float(e.get("weight") or 1.0),
+                                        max_concurrency=e.get("max_concurrency"),
+                                        api_key=key(e.get("api_key_env") or m.api_key_env))
+                      for e in m.endpoints)
+    for i, endpoint in enumerate(found):
+        if endpoint.api_key and httpx.URL(endpoint.api_url).userinfo:
+            # Basic auth from the URL and a bearer key cannot both go in one request.
+            where = f"model.endpoints[{i}].api_url" if m.endpoints else "model.api_url"
+            raise ConfigError(f"config key '{where}' carries user:password and an API key is "
+                              "set too; use one of them (api_key_env: null keeps the URL's)")
+    return found
 
 
 def client_settings(cfg: Config, env: Mapping[str, str]) -> ClientSettings:

@@ -29,6 +29,12 @@ from typing import Any
 
 from asyncrunner.config import ENV_PREFIX, SECTIONS, Config, build_config
 from asyncrunner.errors import ConfigError
+from asyncrunner.llm.client import (
+    normalize_api_url,
+    redact_endpoint_urls,
+    redact_model_urls,
+    redact_url,
+)
 from asyncrunner.settings import SESSION_KEYS, Kind, flatten, kind
 
 BASE_LABEL = "(base)"
@@ -131,10 +137,23 @@ def _values(path: str, values: object) -> tuple[Any, ...]:
     return tuple(values)
 
 
+def stored_value(path: str, value: Any) -> Any:
+    """A matrix value as stored and shown: a URL (or a mapping holding URLs) redacted."""
+    if path == "model" and isinstance(value, Mapping):
+        return redact_model_urls(value)
+    if path == "model.api_url" and isinstance(value, str):
+        return redact_url(normalize_api_url(value))
+    if path == "model.endpoints":
+        return redact_endpoint_urls(value)
+    return value
+
+
 def cell_label(overrides: Sequence[tuple[str, Any]]) -> str:
-    """`model.name=a, model.temperature=0.7`; a mapping value shows each of its entries."""
+    """`model.name=a, model.temperature=0.7`; a mapping value shows each of its entries
+    (URLs redacted: the label is stored with the experiment and printed)."""
     parts: list[str] = []
-    for path, value in overrides:
+    for path, raw in overrides:
+        value = stored_value(path, raw)
         if isinstance(value, Mapping) and flatten(value):
             parts.extend(f"{path}.{k}={_shown(v)}" for k, v in flatten(value).items())
         else:

@@ -21,6 +21,7 @@ from typing import Any
 from asyncrunner.config import SECTIONS, read_yaml
 from asyncrunner.errors import ConfigError, RefusedError
 from asyncrunner.ids import new_experiment_id, require_uuid
+from asyncrunner.llm.client import redact_model_urls
 from asyncrunner.study.matrix import (
     MAX_EXPERIMENTS,
     MAX_REPEATS,
@@ -28,6 +29,7 @@ from asyncrunner.study.matrix import (
     Sweep,
     expand,
     resolve_base,
+    stored_value,
 )
 
 SPEC_FORMAT = 1
@@ -64,17 +66,27 @@ class StudySpec:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """As stored in `studies.spec_json`: endpoint URLs redacted, as everywhere a
+        configuration is stored (a resume takes credentials from the environment)."""
         s = self.sweep
         return {
             "format": SPEC_FORMAT, "name": s.name, "sweep_file": self.sweep_file,
-            "base_file": self.base_file, "base": dict(s.base), "repeats": s.repeats,
-            "matrix": [[path, list(values)] for path, values in s.matrix],
+            "base_file": self.base_file, "base": _redacted(dict(s.base)), "repeats": s.repeats,
+            "matrix": [[path, [stored_value(path, v) for v in values]]
+                       for path, values in s.matrix],
             "cells": [{"label": cell.label,
-                       "overrides": [[path, value] for path, value in cell.overrides],
+                       "overrides": [[path, stored_value(path, value)]
+                                     for path, value in cell.overrides],
                        "experiments": [{"repeat": r, "experiment_id": eid}
                                        for r, eid in enumerate(ids, start=1)]}
                       for cell, ids in zip(s.cells, self.experiment_ids, strict=True)],
         }
+
+
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    model = config.get("model")
+    return {**config, "model": redact_model_urls(model)} if isinstance(model, Mapping) \
+        else config
 
 
 def new_study(sweep: Sweep, *, sweep_file: str | None = None,

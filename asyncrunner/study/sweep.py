@@ -59,6 +59,7 @@ from asyncrunner.errors import (
     UsageError,
 )
 from asyncrunner.ids import require_uuid
+from asyncrunner.llm.setup import endpoints_from
 from asyncrunner.plan import RunRequest, StudyTag
 from asyncrunner.study import matrix, spec
 from asyncrunner.study.spec import Run, StudySpec
@@ -204,6 +205,10 @@ def _new_configs(request: SweepRequest, study: StudySpec,
         if not resolve_data_path(cfg).is_file():
             raise ConfigError(f"sweep cell {run.cell.label}: config key 'data.file': data "
                               f"file not found: {cfg.data.file}")
+        try:
+            endpoints_from(cfg, request.env)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep cell {run.cell.label}: {exc}") from None
         found[run.experiment_id] = cfg
     return found
 
