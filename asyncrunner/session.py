@@ -59,7 +59,7 @@ from asyncrunner.config import Config, unknown_env_variables
 from asyncrunner.db import backup, drops, experiments, sample, sessions, store
 from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
-from asyncrunner.db.schema import connect
+from asyncrunner.db.schema import connect, transaction
 from asyncrunner.diskspace import SpaceReserve, disk_full_cause, disk_full_error
 from asyncrunner.errors import (
     AsyncRunnerError,
@@ -155,10 +155,7 @@ def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
     experiments' results: copy it first, as a resume does."""
     if d.intent is not Intent.NEW or d.request.study is not None:
         return None        # a study's cells: the sweep took one backup before the first
-    if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is None:
-        return None
-    backup.check_disk(d.request.db_path, 0, with_backup=True)
-    return backup.make_backup(d.request.db_path, label=backup.RUN_BACKUP)
+    return backup.backup_before_new_writes(conn, d.request.db_path)
 
 
 def _progress_for(plan: RunPlan, on_commit: Callable[[Snapshot], None] | None
@@ -210,34 +207,7 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
                       output_dir=Path(cfg.run.output_dir), export_rows=plan.total)
     if not plan.is_new:
         backup_path = backup.make_backup(plan.db_path)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if plan.is_new:
-            assert plan.ingest is not None
-            experiments.create(
-                conn, _redacted(cfg), experiment_id=experiment_id,
-                data_file=str(cfg.data.file), checksum=plan.ingest.data_checksum,
-                n_total=plan.total, api_url=_stored_url(cfg),
-                log_dir=str(Path(cfg.run.log_dir) / experiment_id),
-                study=_study_tag(plan),
-                sample_json=(json.dumps(cfg.data.sample) if cfg.data.sample is not None
-                             else None))
-            if plan.sample_keys is not None:
-                sample.store(conn, experiment_id, list(plan.sample_keys))
-        else:
-            _record_resume(conn, plan, session_id)
-        sessions.open_session(
-            conn, session_id=session_id, experiment_id=experiment_id, intent=plan.intent,
-            target=plan.target, settings=_session_settings(cfg),
-            settings_hash=settings_hash(_session_settings(cfg)),
-            diff=_session_diff(cfg, plan.settings_diff), allowed_drift=list(plan.allowed_drift),
-            retry_categories=(list(plan.retry_categories)
-                              if plan.retry_categories is not None else None))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    record_session(conn, plan, session_id, plan.intent)
     print(f"experiment_id: {experiment_id}", file=out, flush=True)
     logs.open_run_log(cfg.run.log_dir, experiment_id)
     logs.bind(experiment_id=experiment_id, session=session_id)
@@ -261,6 +231,35 @@ def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
                      f"{k} {_brief(v['stored'])} -> {_brief(v['session'])}"
                      for k, v in diff.items()),
                  diff=diff)
+
+
+def record_session(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
+                   intent: str) -> None:
+    """In one transaction: a new experiment's record (URLs redacted) and its sample, or
+    what a resume changes; then the session's row. Also `batch-file`'s record."""
+    cfg = plan.config
+    with transaction(conn):
+        if plan.is_new:
+            assert plan.ingest is not None
+            experiments.create(
+                conn, _redacted(cfg), experiment_id=plan.experiment_id,
+                data_file=str(cfg.data.file), checksum=plan.ingest.data_checksum,
+                n_total=plan.total, api_url=_stored_url(cfg),
+                log_dir=str(Path(cfg.run.log_dir) / plan.experiment_id),
+                study=_study_tag(plan),
+                sample_json=(json.dumps(cfg.data.sample) if cfg.data.sample is not None
+                             else None))
+            if plan.sample_keys is not None:
+                sample.store(conn, plan.experiment_id, list(plan.sample_keys))
+        else:
+            _record_resume(conn, plan, session_id)
+        settings = _session_settings(cfg)
+        sessions.open_session(
+            conn, session_id=session_id, experiment_id=plan.experiment_id, intent=intent,
+            target=plan.target, settings=settings, settings_hash=settings_hash(settings),
+            diff=_session_diff(cfg, plan.settings_diff), allowed_drift=list(plan.allowed_drift),
+            retry_categories=(list(plan.retry_categories)
+                              if plan.retry_categories is not None else None))
 
 
 def _study_tag(plan: RunPlan) -> tuple[str, str, int] | None:

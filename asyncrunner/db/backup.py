@@ -50,6 +50,16 @@ def check_disk(db_path: Path, remaining: int, *, with_backup: bool,
     check_free_space(needs)
 
 
+def backup_before_new_writes(conn: sqlite3.Connection, db_path: Path) -> Path | None:
+    """Before a new experiment (or a study, or a batch file) writes into a database that
+    holds other experiments' results: check the disk and copy it, as a resume does.
+    None when the database holds no experiment yet (nothing to protect)."""
+    if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is None:
+        return None
+    check_disk(db_path, 0, with_backup=True)
+    return make_backup(db_path, label=RUN_BACKUP)
+
+
 def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) -> Path:
     """`<db>.<label>_<time>`: before a resume writes (resume_backup), before a new run
     writes into a database holding experiments (pre_run_backup), before a migration

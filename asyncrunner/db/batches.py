@@ -17,11 +17,12 @@ a worker thread with a connection of its own.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from asyncrunner.clock import utc_now
+from asyncrunner.db.schema import transaction
 from asyncrunner.llm.batch_api import request_counts
 
 SUBMITTING = "submitting"               # batches.status before the provider gave an id
@@ -34,18 +35,6 @@ class BatchRow:
     input_file_id: str | None
     status: str
     n_requests: int
-
-
-def transaction(conn: sqlite3.Connection, fn: Callable[[], None]) -> None:
-    """`fn()` in one BEGIN IMMEDIATE transaction, rolled back on any exception."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        fn()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def pending_batches(conn: sqlite3.Connection, experiment_id: str) -> list[BatchRow]:
@@ -88,7 +77,8 @@ def record_submitting(conn: sqlite3.Connection, experiment_id: str, input_file_i
                          [(placeholder, i, t) for i, t in keys])
         row.append(BatchRow(placeholder, chunk, input_file_id, SUBMITTING, len(keys)))
 
-    transaction(conn, write)
+    with transaction(conn):
+        write()
     return row[0]
 
 
@@ -104,7 +94,8 @@ def record_created(conn: sqlite3.Connection, placeholder: str, batch: Mapping[st
                      (batch_id, placeholder))
         _update_counts(conn, batch_id, batch)
 
-    transaction(conn, write)
+    with transaction(conn):
+        write()
 
 
 def discard_submitting(conn: sqlite3.Connection, placeholder: str) -> None:
@@ -115,7 +106,8 @@ def discard_submitting(conn: sqlite3.Connection, placeholder: str) -> None:
         conn.execute("DELETE FROM batches WHERE batch_id = ? AND status = ?",
                      (placeholder, SUBMITTING))
 
-    transaction(conn, write)
+    with transaction(conn):
+        write()
 
 
 def record_polled(conn: sqlite3.Connection, batch_id: str, batch: Mapping[str, Any]) -> None:
@@ -130,7 +122,8 @@ def record_imported(conn: sqlite3.Connection, batch_id: str, batch: Mapping[str,
         conn.execute("UPDATE batches SET imported_at = ? WHERE batch_id = ?",
                      (utc_now(), batch_id))
 
-    transaction(conn, write)
+    with transaction(conn):
+        write()
 
 
 def _update_counts(conn: sqlite3.Connection, batch_id: str, batch: Mapping[str, Any]) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncrunner.config import DataSection
+from asyncrunner.db.schema import transaction
 from asyncrunner.errors import InputError
 from asyncrunner.vocab import DropReason
 
@@ -176,8 +177,7 @@ def ingest(conn: sqlite3.Connection, data: DataSection, path: Path, *,
     if stored is not None:
         return stored
 
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):      # Ctrl-C or SIGTERM mid-ingest leaves no partial load
         # Another process may have loaded the same file while we waited for the write lock.
         report = _stored_report(conn, path, checksum, mapping)
         if report is None:
@@ -185,12 +185,6 @@ def ingest(conn: sqlite3.Connection, data: DataSection, path: Path, *,
                 report = _adopt(conn, path, checksum, mapping)
             else:
                 report = _load(conn, data, path, checksum, mapping)
-        conn.execute("COMMIT")
-    except BaseException:
-        # BaseException too: Ctrl-C or SIGTERM mid-ingest must leave no partial load.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return report
 
 

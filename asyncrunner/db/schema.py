@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 
 import aiosqlite
@@ -839,6 +839,22 @@ def backup_before_migrating(conn: sqlite3.Connection, db: Path) -> Path | None:
     return backup.make_backup(db, label=MIGRATION_BACKUP)
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One BEGIN IMMEDIATE ... COMMIT on an autocommit connection, rolled back whole on any
+    exception (BaseException too: Ctrl-C or SIGTERM mid-write must leave nothing half
+    done). SQLite rolls some failures back by itself (a full disk among them): ROLLBACK
+    only while a transaction is still open, or a second error would hide the first."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply every pending migration; return the names of those applied."""
     applied: list[str] = []
@@ -846,15 +862,9 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     if version > SCHEMA_VERSION:
         raise UsageError(_newer_message(version))
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             step(conn)
             conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         applied.append(step.__name__.lstrip("_"))
     return applied
 

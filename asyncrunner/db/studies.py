@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from asyncrunner.clock import utc_now
+from asyncrunner.db.schema import transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +62,15 @@ def create_study(conn: sqlite3.Connection, *, study_id: str, name: str | None,
 
     Returns None once the row is committed, or the existing study's id (nothing written).
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         existing = find_by_checksum(conn, sweep_checksum)
         if existing is not None:
-            conn.execute("ROLLBACK")
-            return existing
+            return existing             # (the empty transaction commits nothing)
         conn.execute(
             "INSERT INTO studies (study_id, name, sweep_file, sweep_checksum, spec_json, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (study_id, name, sweep_file, sweep_checksum,
              json.dumps(spec, ensure_ascii=False), utc_now()))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return None
 
 

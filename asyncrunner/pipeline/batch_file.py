@@ -9,9 +9,7 @@ the network, for an offline node (`vllm run-batch`) or a Batch API upload by han
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 import sys
 import uuid
 from collections.abc import Mapping
@@ -24,20 +22,17 @@ import anyio
 import structlog
 
 from asyncrunner import logs
-from asyncrunner.config import Config
-from asyncrunner.db import batches, experiments, sample, sessions
+from asyncrunner.db import experiments, sessions
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
-from asyncrunner.llm.client import normalize_api_url, redact_url
 from asyncrunner.pipeline.batch_codec import BatchCodec, resolve_mode
 from asyncrunner.pipeline.messages import Narrative
 from asyncrunner.pipeline.producer import PAGE_SIZE, produce
 from asyncrunner.pipeline.runner import PipelineSpec
-from asyncrunner.settings import settings_hash
 from asyncrunner.vocab import SessionEnd, Status
 
 if TYPE_CHECKING:
-    from asyncrunner.plan import RunPlan
+    pass
 
 log = structlog.get_logger("asyncrunner.pipeline.batch_file")
 
@@ -52,20 +47,18 @@ def batch_file_command(db_path: str | Path, config_path: str | Path, out_path: s
     of sent; it waits, `interrupted`, for `batch-import`."""
     from asyncrunner.db import backup
     from asyncrunner.plan import RunRequest, complete, draft
-    from asyncrunner.session import pipeline_spec
+    from asyncrunner.session import pipeline_spec, record_session
 
     req = RunRequest(db_path=Path(db_path), config_path=str(config_path),
                      overrides=dict(overrides), env=env)
     d = draft(req)
     target = Path(out_path)
     with closing(connect(req.db_path)) as conn, ExperimentLock(req.db_path, d.experiment_id):
-        if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is not None:
-            backup.check_disk(req.db_path, 0, with_backup=True)
-            backup.make_backup(req.db_path, label=backup.RUN_BACKUP)
+        backup.backup_before_new_writes(conn, req.db_path)
         plan = complete(conn, d)
         spec = pipeline_spec(plan)
         session_id = uuid.uuid4().hex
-        _create_record(conn, plan, session_id)
+        record_session(conn, plan, session_id, "batch-file")
         print(f"experiment_id: {plan.experiment_id}", file=out, flush=True)
         try:
             logs.open_run_log(plan.config.run.log_dir, plan.experiment_id)
@@ -94,29 +87,6 @@ def batch_file_command(db_path: str | Path, config_path: str | Path, out_path: s
           f"{plan.experiment_id} ANSWERS.jsonl`", file=out)
     return 0
 
-
-def _create_record(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
-    """The experiment's record, its sample and the session row: one transaction."""
-    cfg: Config = plan.config
-    api_url = redact_url(normalize_api_url(cfg.model.api_url))
-    settings = cfg.to_dict()
-    settings["model"]["api_url"] = api_url
-
-    def write() -> None:
-        assert plan.ingest is not None
-        experiments.create(
-            conn, cfg, experiment_id=plan.experiment_id, data_file=str(cfg.data.file),
-            checksum=plan.ingest.data_checksum, n_total=plan.total, api_url=api_url,
-            log_dir=str(Path(cfg.run.log_dir) / plan.experiment_id),
-            sample_json=json.dumps(cfg.data.sample) if cfg.data.sample is not None else None)
-        if plan.sample_keys is not None:
-            sample.store(conn, plan.experiment_id, list(plan.sample_keys))
-        sessions.open_session(
-            conn, session_id=session_id, experiment_id=plan.experiment_id, intent="batch-file",
-            target=plan.target, settings=settings, settings_hash=settings_hash(settings),
-            diff={}, allowed_drift=[], retry_categories=None)
-
-    batches.transaction(conn, write)
 
 
 async def _write_file(codec: BatchCodec, spec: PipelineSpec, target: Path) -> int:

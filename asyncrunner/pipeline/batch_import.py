@@ -29,7 +29,7 @@ from asyncrunner import logs, refusals
 from asyncrunner.config import Config, config_from_dict
 from asyncrunner.db import batches, experiments, sample, sessions, store
 from asyncrunner.db.locks import ExperimentLock
-from asyncrunner.db.schema import connect_existing
+from asyncrunner.db.schema import connect_existing, transaction
 from asyncrunner.errors import EndpointCannotServe, InputError, RefusedError, TooManyErrors
 from asyncrunner.llm.client import ClientSettings, normalize_api_url
 from asyncrunner.pipeline.batch_codec import BatchCodec
@@ -182,7 +182,8 @@ def _import(conn: sqlite3.Connection, db: Path, record: store.ExperimentRecord,
                 settings_hash=settings_hash(settings), diff={}, allowed_drift=[],
                 retry_categories=None)
 
-        batches.transaction(conn, open_session)
+        with transaction(conn):
+            open_session()
         tally = LineTally(lines=checked.lines, duplicates=checked.duplicates)
         writer = WriterSettings(experiment_id=experiment_id, total=total,
                                 session_target=max(0, total - done_before),

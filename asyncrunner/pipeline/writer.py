@@ -31,7 +31,7 @@ from anyio import EndOfStream, WouldBlock
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asyncrunner.clock import LOCAL_FORMAT, local_now
-from asyncrunner.db.schema import open_async
+from asyncrunner.db.schema import open_async, transaction
 from asyncrunner.pipeline.messages import Result
 from asyncrunner.pipeline.progress import RateWindow, Snapshot, eta_from
 
@@ -275,8 +275,7 @@ class ResultWriter:
         lock keeps other processes out, so only this batch's inserts change it (retry-errors
         -only updates rows in place: the count stays). Counting at every commit would cost a
         scan that grows with the table."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             changed = conn.executemany(sql, rows).rowcount
             if done_before is None:
                 done = int(conn.execute(
@@ -287,13 +286,6 @@ class ResultWriter:
             conn.execute(PROGRESS_SQL, {**progress, "done": done})
             if endpoints is not None:
                 conn.execute(ENDPOINTS_SQL, (endpoints, self.s.session_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            # SQLite rolls a transaction back by itself on some errors (a full disk among
-            # them): a second ROLLBACK would fail and hide the error that matters.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return done, changed
 
 

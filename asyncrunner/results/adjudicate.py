@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asyncrunner.clock import utc_now
+from asyncrunner.db.schema import transaction
 from asyncrunner.errors import RefusedError, UsageError
 from asyncrunner.results.labels import ADJUDICATED
 from asyncrunner.results.workbook import (
@@ -315,18 +316,12 @@ def import_workbook(conn: sqlite3.Connection, path: Path) -> str:
     transaction; return the one-line summary. Refused as a whole (nothing written) when the
     workbook cannot be trusted or is not about this database's narratives."""
     review = read_review_workbook(path)   # refusals about the file itself: before any write
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         experiments = _resolve_source(conn, review.source, path)
         checksum = _one_checksum(experiments)
         _check_keys(conn, review.decisions, [e.experiment_id for e in experiments], checksum,
                     path)
         new, changed, unchanged = _store(conn, review, checksum)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return (f"imported {path}: {_count(len(review.decisions), 'decision')} stored "
             f"({new} new, {changed} changed, {unchanged} unchanged) in label set "
             f"'{ADJUDICATED}'; {review.undecided} left undecided")

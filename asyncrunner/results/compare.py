@@ -23,17 +23,15 @@ from typing import Any
 from asyncrunner.db import store
 from asyncrunner.db.drops import describe, drop_summary
 from asyncrunner.errors import RefusedError, UsageError
-from asyncrunner.results.labels import narrative_label_sql
 from asyncrunner.results.metrics import (
     EXACT_BELOW,
     OVERALL,
-    Agreement,
     Confusion,
     MetricsReport,
-    PairedCounts,
     mcnemar,
     mcnemar_chi2,
     metrics_report,
+    paired_counts,
 )
 from asyncrunner.results.stats import mcnemar_exact
 
@@ -74,49 +72,11 @@ class Comparison(Pairing):
 
 # --------------------------------------------------------------------------- data
 
-# A pair's label is the one both rows carry (both read it from the same load, or the same
-# reviewer's decision); a pair whose labels differ (e.g. the file was re-labelled between
-# runs) is left out of McNemar's test rather than scored against either (y is NULL then).
-_PAIRS_SQL = """
-SELECT COALESCE(SUM(d1 = 1 AND d2 = 1), 0), COALESCE(SUM(d1 = 1 AND d2 = 0), 0),
-       COALESCE(SUM(d1 = 0 AND d2 = 1), 0), COALESCE(SUM(d1 = 0 AND d2 = 0), 0),
-       COALESCE(SUM(y IS NOT NULL), 0),
-       COALESCE(SUM(d1 = y AND d2 != y), 0), COALESCE(SUM(d1 != y AND d2 = y), 0)
-FROM (
-  SELECT d1, d2, CASE WHEN y1 IS y2 THEN y1 END AS y FROM (
-    SELECT r1.detected AS d1, r2.detected AS d2, {label_1} AS y1, {label_2} AS y2
-    FROM narrative_results r1
-    JOIN narrative_results r2
-      ON r2.experiment_id = :second AND r2.incident_id = r1.incident_id
-     AND r2.narrative_type = r1.narrative_type
-    WHERE r1.experiment_id = :first
-      AND r1.error_occurred = 0 AND r2.error_occurred = 0
-      AND r1.detected IS NOT NULL AND r2.detected IS NOT NULL))
-"""
-
-
-def paired_counts(conn: sqlite3.Connection, first: str, second: str,
-                  labels: str = "manual") -> PairedCounts:
-    """Pair the two experiments' results on (incident_id, narrative_type) and count,
-    against `labels` ("manual" or "adjudicated")."""
-    sql = _PAIRS_SQL.format(
-        label_1=narrative_label_sql(labels, result="r1", checksum=":checksum_1"),
-        label_2=narrative_label_sql(labels, result="r2", checksum=":checksum_2"))
-    checksums = dict(conn.execute(
-        "SELECT experiment_id, data_checksum FROM experiments WHERE experiment_id IN (?, ?)",
-        (first, second)).fetchall())
-    params = {"first": first, "second": second, "checksum_1": checksums.get(first),
-              "checksum_2": checksums.get(second)}
-    n11, n10, n01, n00, n_labelled, b, c = (
-        int(v) for v in conn.execute(sql, params).fetchone())
-    return PairedCounts(Agreement(n11, n10, n01, n00), n_labelled, b, c)
-
-
 def pairing(conn: sqlite3.Connection, first: str, second: str,
             labels: str = "manual") -> Pairing:
     """Agreement, kappa and McNemar of two experiments (no pair at all is not an error
     here: agreement is then None and McNemar's p 1)."""
-    counts = paired_counts(conn, first, second, labels)
+    counts = paired_counts(conn, first, second, labels=labels)
     table, b, c = counts.table, counts.b, counts.c
     chi2, p_chi2 = mcnemar_chi2(b, c)
     statistic, p, method = mcnemar(b, c)  # the exact branch only below EXACT_BELOW pairs

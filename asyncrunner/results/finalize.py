@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncrunner.db.experiments import set_status
+from asyncrunner.db.schema import transaction
 from asyncrunner.results.metrics import MetricsReport, metrics_report
 from asyncrunner.vocab import Status
 
@@ -136,15 +137,9 @@ def finalize(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> 
     report = metrics_report(conn, experiment_id)
     paths = {fmt: export(conn, experiment_id, fmt, output_dir / f"{experiment_id}.{fmt}")
              for fmt in ("csv", "json")}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         _store_metrics(conn, experiment_id, report)
         set_status(conn, experiment_id, Status.COMPLETED)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return {"metrics": report.to_dict(), "exports": {k: str(v) for k, v in paths.items()}}
 
 

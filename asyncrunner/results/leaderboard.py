@@ -75,7 +75,7 @@ from asyncrunner.results.stats import (
     holm,
     proportion_interval,
 )
-from asyncrunner.results.status import _cost
+from asyncrunner.results.status import cost_estimate
 
 SHORT_ID = 8  # characters of an experiment id in text and chart labels
 
@@ -263,7 +263,7 @@ def _entry(conn: sqlite3.Connection, experiment_id: str, labels: str) -> Entry:
         narrative=_confusion(narrative), case=cases.confusion,
         case_conflicts=cases.conflicts,
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        cost=_cost(config.get("model") or {}, prompt_tokens, completion_tokens),
+        cost=cost_estimate(config.get("model") or {}, prompt_tokens, completion_tokens),
         wall_s=_seconds_between(row["start_time"], row["end_time"]),
     )
 

@@ -200,7 +200,7 @@ def collect(conn: sqlite3.Connection, db_path: Path, experiment_id: str, *,
         "answers": answers,
         "response_format": {"setting": model_cfg.get("response_format"),
                             "used": row.get("response_format_used")},
-        "cost_estimate": _cost(model_cfg, prompt_tokens, completion_tokens),
+        "cost_estimate": cost_estimate(model_cfg, prompt_tokens, completion_tokens),
         "log_dir": row["log_dir"],
         "dropped": drops.drop_summary(conn, row["data_checksum"]),
         "provenance": {k: row.get(k) for k in ("asyncrunner_version", "parser_version",
@@ -234,7 +234,8 @@ def _session_json(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s.get(k) for k in keep}
 
 
-def _cost(model_cfg: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> float | None:
+def cost_estimate(model_cfg: dict[str, Any], prompt_tokens: int,
+                  completion_tokens: int) -> float | None:
     """From model.price_per_mtok ({input, output} per million tokens), else the older
     price_per_1k_input/output; None without prices."""
     per_mtok = model_cfg.get("price_per_mtok")

@@ -112,7 +112,9 @@ def _start(request: SweepRequest, path: Path, out: IO[str]) -> int:
     _new_configs(request, study, known={})      # the whole grid, before anything is written
     with closing(connect(request.db_path)) as conn, _study_lock(request.db_path,
                                                                 study.study_id):
-        _backup_once(conn, request.db_path)
+        # One backup per study, not one per cell (the session skips its pre-run backup
+        # for a study's cells): sixteen cells would copy a large database sixteen times.
+        backup.backup_before_new_writes(conn, request.db_path)
         existing = studies.create_study(
             conn, study_id=study.study_id, name=sweep.name, sweep_file=str(path),
             sweep_checksum=matrix.checksum(sweep), spec=study.to_json())
@@ -138,16 +140,6 @@ def _resume(request: SweepRequest, out: IO[str]) -> int:
         with _study_lock(request.db_path, study_id):
             _say(out, f"study_id: {study_id}")
             return _run_study(conn, request, study, out)
-
-
-def _backup_once(conn: sqlite3.Connection, db_path: Path) -> None:
-    """One backup before a study writes into a database that holds experiments, instead of
-    one per cell (the session skips its pre-run backup for a study's cells): a study of
-    sixteen cells would otherwise copy a large database sixteen times."""
-    if conn.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is None:
-        return
-    backup.check_disk(db_path, 0, with_backup=True)
-    backup.make_backup(db_path, label=backup.RUN_BACKUP)
 
 
 def _already_started(conn: sqlite3.Connection, study_id: str) -> RefusedError:
