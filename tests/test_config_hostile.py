@@ -408,3 +408,44 @@ def test_the_cli_refuses_a_yaml_date_it_cannot_build(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "YAML cannot read" in proc.stderr
+
+
+# The keys #12 and #13 added that are not plain numbers: each refused in one line naming it.
+NEW_KEY_CASES = [
+    ({"model": {"price_per_mtok": {"input": -1}}}, "model.price_per_mtok.input"),
+    ({"model": {"price_per_mtok": {"input": ".nan"}}}, "model.price_per_mtok.input"),
+    ({"model": {"price_per_mtok": {"in": 1}}}, "model.price_per_mtok.in"),
+    ({"model": {"batch_window": "1h"}}, "model.batch_window"),
+    ({"model": {"endpoints": []}}, "model.endpoints"),
+    ({"model": {"endpoints": [{"api_url": "ftp://h/v1"}]}}, "model.endpoints[0].api_url"),
+    ({"model": {"endpoints": [{"api_url": "http://h/v1", "weight": 0}]}},
+     "model.endpoints[0].weight"),
+    ({"model": {"endpoints": [{"api_url": "http://h/v1", "max_concurrency": 2000}]}},
+     "model.endpoints[0].max_concurrency"),
+    ({"model": {"endpoints": [{"api_url": "http://h/v1", "colour": 1}]}},
+     "model.endpoints[0].colour"),
+    ({"model": {"endpoints": [{"api_url": "http://h/v1"}, {"api_url": "http://h/v1"}]}},
+     "model.endpoints"),
+    ({"run": {"auto_workers": "sometimes"}}, "run.auto_workers"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), NEW_KEY_CASES, ids=[k for _, k in NEW_KEY_CASES])
+def test_the_new_keys_refuse_bad_values_in_one_line(raw: dict[str, Any], key: str) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(raw).replace("'.nan'", ".nan"))
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, env={})
+    assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_endpoint_list_through_the_cli_is_one_line(tmp_path: Path) -> None:
+    data = write_fixture_csv(tmp_path / "data.csv")
+    cfg = write_config(tmp_path, data, "http://127.0.0.1:9/v1",
+                       model={"endpoints": [{"api_url": "http://h/v1", "weight": -2}]})
+    for args in (("run", str(cfg), "--db", str(tmp_path / "x.db")), ("plan", str(cfg))):
+        proc = run_cli(*args, env=cli_env())
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "model.endpoints[0].weight" in lines[0]
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.db").exists()

@@ -37,6 +37,22 @@ CASES = {
     "export where nothing can be written": ["export", "{id}", "--out", "/proc/x.csv"],
     "report where nothing can be written": ["report", "{id}", "--out", "/proc/x/r.html"],
     "malformed id": ["export", "not-an-id"],
+    "compare with one id": ["compare", "{id}"],
+    "compare a malformed study id": ["compare", "--study", "nope"],
+    "compare an unknown study": ["compare", "--study", "00000000-0000-4000-8000-000000000000"],
+    "compare with unknown labels": ["compare", "{id}", "{id}", "--labels", "mine"],
+    "report with unknown labels": ["report", "{id}", "--labels", "mine"],
+    "sweep without a file": ["sweep"],
+    "sweep a missing file": ["sweep", "/nonexistent/sweep.yaml"],
+    "sweep --resume an unknown study": ["sweep", "--resume",
+                                        "00000000-0000-4000-8000-000000000000"],
+    "adjudicate export without ids": ["adjudicate", "export", "--out", "/tmp/x.xlsx"],
+    "adjudicate import of a text file": ["adjudicate", "import", "/etc/hostname"],
+    "plan a missing config": ["plan", "/nonexistent/cfg.yaml"],
+    "plan with --probe 0": ["plan", "/nonexistent/cfg.yaml", "--probe", "0"],
+    "batch-import a missing file": ["batch-import", "{id}", "/nonexistent/a.jsonl"],
+    "batch-file without --out": ["batch-file", "/nonexistent/cfg.yaml"],
+    "run --workers sometimes": ["run", "/nonexistent/cfg.yaml", "--workers", "sometimes"],
 }
 
 
