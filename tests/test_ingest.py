@@ -8,6 +8,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -367,8 +368,8 @@ def test_interrupt_mid_ingest_leaves_nothing(conn: sqlite3.Connection, tmp_path:
     monkeypatch.setattr(ingest_mod, "INSERT_CHUNK_ROWS", 5)
     real = ingest_mod._read_rows
 
-    def interrupted(path: Path, sheet: str | None) -> Iterator[Any]:
-        for number, values in real(path, sheet):
+    def interrupted(path: Path, sheet: str | None, hashing: Any = None) -> Iterator[Any]:
+        for number, values in real(path, sheet, hashing):
             if number == 40:
                 raise KeyboardInterrupt
             yield number, values
@@ -386,20 +387,52 @@ def test_interrupt_mid_ingest_leaves_nothing(conn: sqlite3.Connection, tmp_path:
     assert ingest(conn, DataSection(), path).n_narratives == 120
 
 
-def test_file_changed_while_reading_is_refused(conn: sqlite3.Connection, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_csv_changed_after_hashing_is_refused(conn: sqlite3.Connection, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed, then changed before it is parsed: the bytes parsed are not the checksum's
+    (a CSV is hashed again as it is parsed)."""
     real = ingest_mod._read_rows
 
-    def then_modify(path: Path, sheet: str | None) -> Iterator[Any]:
-        yield from real(path, sheet)
+    def modify_first(path: Path, sheet: str | None, hashing: Any = None) -> Iterator[Any]:
         with path.open("a", encoding="utf-8") as fh:
             fh.write("9,late,late,1,1,1\n")
+        yield from real(path, sheet, hashing)
 
-    monkeypatch.setattr(ingest_mod, "_read_rows", then_modify)
+    monkeypatch.setattr(ingest_mod, "_read_rows", modify_first)
     path = write_csv(tmp_path / "moving.csv", [["1", "a", "b", 1, 1, 1]])
     with pytest.raises(InputError, match="changed while it was being read"):
         ingest(conn, DataSection(), path)
     assert count(conn, "source_narratives") == 0
+
+
+def test_workbook_changed_while_reading_is_refused(conn: sqlite3.Connection, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workbook is read at random, not streamed: it is hashed again after reading."""
+    real = ingest_mod._read_rows
+    path = write_xlsx(tmp_path / "moving.xlsx", [["1", "a", "b", 1, 1, 1]])
+
+    def then_replace(path: Path, sheet: str | None, hashing: Any = None) -> Iterator[Any]:
+        yield from real(path, sheet, hashing)
+        write_xlsx(path, [["1", "a", "b", 1, 1, 1], ["2", "c", "d", 0, 0, 0]])
+
+    monkeypatch.setattr(ingest_mod, "_read_rows", then_replace)
+    with pytest.raises(InputError, match="changed while it was being read"):
+        ingest(conn, DataSection(), path)
+    assert count(conn, "source_narratives") == 0
+
+
+def test_csv_hashed_as_parsed_matches_the_file_checksum(tmp_path: Path) -> None:
+    """The streamed hash is the file's MD5 whatever the buffering: a BOM, quoted line
+    breaks, non-ASCII text and a file larger than one read."""
+    rows = [[f"{i}", f"line one\r\nline two {i} " * 50, "é ü", 1, 0, ""] for i in range(3000)]
+    path = write_csv(tmp_path / "big.csv", rows)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert path.stat().st_size > ingest_mod.CHECKSUM_CHUNK_BYTES
+    hashing = hashlib.md5(usedforsecurity=False)
+    with closing(ingest_mod._read_rows(path, None, hashing)) as read:
+        n = sum(1 for _ in read)
+    assert n == 3001
+    assert hashing.hexdigest() == ingest_mod.file_checksum(path)
 
 
 def test_42000_narratives_fast(conn: sqlite3.Connection, tmp_path: Path) -> None:

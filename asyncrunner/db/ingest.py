@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import re
 import sqlite3
 import warnings
 import zipfile
@@ -33,7 +35,9 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import islice
+from json.encoder import encode_basestring as _json_string
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,10 @@ MAX_QUOTED_LABEL = 20
 
 _TRUE = frozenset({"1", "true", "yes", "y"})
 _FALSE = frozenset({"0", "false", "no", "n"})
+# The spellings most files use, looked up before the general reading (millions of cells).
+_QUICK_LABELS: dict[str, tuple[int | None]] = {
+    "": (None,), "1": (1,), "0": (0,), **{w: (1,) for w in _TRUE}, **{w: (0,) for w in _FALSE},
+}
 
 _INSERT_SQL = (
     "INSERT INTO source_narratives (incident_id, narrative_type, narrative_text, "
@@ -144,10 +152,29 @@ def placeholder_set(data: DataSection) -> frozenset[str]:
     return frozenset(normalize_placeholder(p) for p in data.placeholders if p.strip())
 
 
+# str.isalnum() as a regex (the re docs define \w as the isalnum characters plus "_"): one
+# C-level scan instead of a Python-level loop per character, for every narrative ingested.
+_ALNUM = re.compile(r"[^\W_]")
+
+
 def is_placeholder(text: str, placeholders: frozenset[str]) -> bool:
     """Text that stands for "no narrative": a listed placeholder (trimmed, any case) or text
     without a single letter or digit (whitespace and punctuation only)."""
-    return not any(ch.isalnum() for ch in text) or normalize_placeholder(text) in placeholders
+    if _ALNUM.search(text) is None:
+        return True
+    if not placeholders:
+        return False
+    # A text with more words than the longest placeholder cannot be one; splitting off only
+    # that many words spares normalizing every narrative (it is the costliest step of
+    # ingesting a large file). Case folding never makes or removes whitespace.
+    most = _most_words(placeholders)
+    words = text.split(maxsplit=most)
+    return len(words) <= most and " ".join(words).casefold() in placeholders
+
+
+@lru_cache(maxsize=8)
+def _most_words(placeholders: frozenset[str]) -> int:
+    return max(p.count(" ") for p in placeholders) + 1
 
 
 def mapping_json(data: DataSection) -> str:
@@ -247,15 +274,18 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
           mapping: str) -> IngestReport:
     loaded_at = _utc_seconds()
     counts = _Counts()
-    with closing(_read_rows(path, data.sheet)) as rows:
+    read = hashlib.md5(usedforsecurity=False)   # of the bytes parsed, where they stream
+    with closing(_read_rows(path, data.sheet, read)) as rows:
         records = _narrative_records(rows, data, path, counts)
         _insert_in_chunks(conn, _INSERT_SQL, (
             (incident_id, ntype, text, flag_ind, flag, str(path), checksum, loaded_at)
             for incident_id, ntype, text, flag_ind, flag in records
         ))
     # The file was hashed before it was read; a writer replacing it in between would leave
-    # rows under a checksum they do not belong to.
-    if readable_checksum(path) != checksum:
+    # rows under a checksum they do not belong to. A CSV is hashed as it is parsed (one
+    # pass less over a large file); a workbook is read at random, so hashed again.
+    parsed = read.hexdigest() if path.suffix.lower() == ".csv" else readable_checksum(path)
+    if parsed != checksum:
         raise InputError(f"data file {path} changed while it was being read; run again")
     _insert_in_chunks(conn, _DROP_SQL, ((checksum, *drop) for drop in counts.drops))
     digests = counts.digests()
@@ -376,29 +406,39 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
     columns = _column_index(header, header_number, data, path)
     mapped = sorted(_configured_columns(data))  # the digest must not follow mapping order
     mapped_at = [columns[name] for name in mapped]
-    _digest(counts.rows_hash, [_cell_text(v) for v in header])
-    _digest(counts.content_hash, mapped)
+    _digest(counts.rows_hash, _encoded([_cell_text(v) for v in header]))
+    _digest(counts.content_hash, _encoded(mapped))
     id_at = columns[data.id_column]
     case_at = columns[data.case_flag] if data.case_flag is not None else None
     placeholders = placeholder_set(data)
+    # Per narrative type: the text's and the flag's positions (None: no flag column).
+    slots = [(ntype, columns[column], data.flags.get(ntype),
+              None if data.flags.get(ntype) is None else columns[data.flags[ntype]])
+             for ntype, column in data.narratives.items()]
+    width = max(columns.values()) + 1
     kept: dict[tuple[str, str], _Kept] = {}
-    for number, values in rows:
-        if _is_empty_row(values):
+    for number, raw in rows:
+        # Rows may be shorter than the header (CSV, or sheets whose trailing cells are
+        # empty): padded with blanks, which no digest counts (trailing blanks are trimmed).
+        values = raw if len(raw) >= width else [*raw, *([None] * (width - len(raw)))]
+        # Each cell as text once, and JSON-encoded once for both digests.
+        cells = [_cell_text(v) for v in values]
+        if all(c is None for c in cells):
             continue  # formatted-but-empty rows that spreadsheets keep at the end
         counts.n_rows += 1
-        _digest(counts.rows_hash, [_cell_text(v) for v in values])
-        _digest(counts.content_hash, [_cell_text(_cell(values, at)) for at in mapped_at])
-        incident_id = _cell_text(_cell(values, id_at))
+        encoded = _encoded(cells)
+        _digest(counts.rows_hash, encoded)
+        _digest(counts.content_hash, [encoded[at] for at in mapped_at])
+        incident_id = cells[id_at]
         strict = incident_id is not None  # a row without an id cannot stop the load
         case_flag = (None if case_at is None
-                     else _label(_cell(values, case_at), number, data.case_flag or "", path,
+                     else _label(values[case_at], number, data.case_flag or "", path,
                                  strict=strict))
-        for ntype, column in data.narratives.items():
-            flag_column = data.flags.get(ntype)
-            flag_ind = (None if flag_column is None
-                        else _label(_cell(values, columns[flag_column]), number,
-                                    flag_column, path, strict=strict))
-            text = _cell_text(_cell(values, columns[column]))
+        for ntype, text_at, flag_column, flag_at in slots:
+            flag_ind = (None if flag_column is None or flag_at is None
+                        else _label(values[flag_at], number, flag_column, path,
+                                    strict=strict))
+            text = cells[text_at]
             blank = text is None or is_placeholder(text, placeholders)
             if incident_id is None:
                 # Without an ID none of the row's narratives can be stored.
@@ -427,14 +467,23 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
             yield incident_id, ntype, text, flag_ind, case_flag
 
 
-def _digest(h: Any, cells: Sequence[str | None]) -> None:
-    """One row into a running digest; trailing empty cells do not count (a sheet re-saved
-    with a wider used range holds the same cells)."""
-    end = len(cells)
-    while end and cells[end - 1] is None:
+_NULL = "null"
+
+
+def _encoded(cells: Sequence[str | None]) -> list[str]:
+    """Each cell as its JSON text (the cells are text or None), by the C string encoder."""
+    return [_NULL if c is None else _json_string(c) for c in cells]
+
+
+def _digest(h: Any, encoded: Sequence[str]) -> None:
+    """One row (`_encoded` cells) into a running digest: byte for byte
+    json.dumps(cells, ensure_ascii=False), so digests stored earlier stay comparable.
+    Trailing empty cells do not count (a sheet re-saved with a wider used range holds the
+    same cells)."""
+    end = len(encoded)
+    while end and encoded[end - 1] is _NULL:
         end -= 1
-    h.update(json.dumps(list(cells[:end]), ensure_ascii=False).encode())
-    h.update(b"\n")
+    h.update(("[" + ", ".join(encoded[:end]) + "]\n").encode())
 
 
 def _first_nonempty(rows: Iterator[Row], path: Path) -> Row:
@@ -475,17 +524,14 @@ def _configured_columns(data: DataSection) -> list[str]:
     return list(dict.fromkeys(names))  # config order, each once
 
 
-def _cell(values: Sequence[Any], at: int) -> Any:
-    # Rows may be shorter than the header (CSV, or sheets whose trailing cells are empty).
-    return values[at] if at < len(values) else None
-
-
 def _is_empty_row(values: Sequence[Any]) -> bool:
     return all(_cell_text(v) is None for v in values)
 
 
 def _cell_text(value: Any) -> str | None:
     """A cell as the text an operator sees; None when blank."""
+    if type(value) is str:       # every CSV cell and most workbook cells: the fast path
+        return value.strip() or None
     if value is None:
         return None
     if isinstance(value, bool):
@@ -502,6 +548,10 @@ def _cell_text(value: Any) -> str | None:
 def _label(value: Any, row: int, column: str, path: Path, *, strict: bool = True) -> int | None:
     """0/1 from the spellings hand-kept sheets use; None for blank (unknown). Not `strict`
     (a row that is dropped anyway), an unreadable label is None instead of an error."""
+    if type(value) is str:
+        quick = _QUICK_LABELS.get(value)
+        if quick is not None:
+            return quick[0]
     try:
         return _read_label(value, row, column, path)
     except InputError:
@@ -550,13 +600,15 @@ def _shown(name: object) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode()
 
 
-def _read_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
-    """(row number, values) for every row of the file, header included, streamed."""
+def _read_rows(path: Path, sheet: str | None,
+               hashing: Any = None) -> Generator[Row, None, None]:
+    """(row number, values) for every row of the file, header included, streamed. A CSV's
+    bytes also go into `hashing` (a hashlib object), if given, as they are read."""
     suffix = path.suffix.lower()
     if suffix == ".xlsx":
         return _xlsx_rows(path, sheet)
     if suffix == ".csv":
-        return _csv_rows(path)
+        return _csv_rows(path, hashing)
     raise InputError(
         f"data file {path}: unsupported file type '{path.suffix or '(none)'}'; "
         "use .xlsx or .csv"
@@ -568,12 +620,40 @@ def _read_rows(path: Path, sheet: str | None) -> Generator[Row, None, None]:
 MAX_CELL_CHARS = 1_048_576
 
 
-def _csv_rows(path: Path) -> Generator[Row, None, None]:
+class _HashingReader(io.RawIOBase):
+    """A binary file whose bytes also go into a hash as they are read."""
+
+    def __init__(self, raw: io.BufferedReader, hashing: Any) -> None:
+        self._raw, self._hashing = raw, hashing
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self._hashing.update(memoryview(buffer)[:n])
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_csv(path: Path, hashing: Any) -> io.TextIOWrapper:
+    if hashing is None:
+        return path.open(newline="", encoding="utf-8-sig")
+    raw = _HashingReader(path.open("rb"), hashing)
+    return io.TextIOWrapper(io.BufferedReader(raw, CHECKSUM_CHUNK_BYTES), newline="",
+                            encoding="utf-8-sig")
+
+
+def _csv_rows(path: Path, hashing: Any = None) -> Generator[Row, None, None]:
     if csv.field_size_limit() < MAX_CELL_CHARS:
         csv.field_size_limit(MAX_CELL_CHARS)
     number = 0
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
+        with _open_csv(path, hashing) as fh:
             # Record numbers, not line numbers: a quoted narrative may span lines, and the
             # operator finds the row by opening the file in a spreadsheet.
             for number, row in enumerate(csv.reader(fh), start=1):
