@@ -1,57 +1,20 @@
 """HTML pieces shared by the report and the leaderboard: escaping, tables, sections, the
-stylesheet, matplotlib figures as inline PNG, and the atomic write of a page.
+stylesheet, the series colours and the atomic write of a page.
 
 Everything that reaches a page goes through `esc` (experiment names and model output are
-untrusted); charts are drawn on the Agg canvas directly (no pyplot, no GUI backend).
+untrusted). Charts are inline SVG drawn by svg.py: no plotting library, nothing to install.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from asyncrunner.errors import UsageError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-FIG_DPI = 100
 POSITIVE_COLOUR = "#c0392b"
 NEGATIVE_COLOUR = "#2471a3"
-MATPLOTLIB_MISSING = "the HTML report needs matplotlib: pip install 'asyncrunner[report]'"
-
-
-def require_matplotlib() -> None:
-    """Raise UsageError (one line, exit 2) when the optional charting extra is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(MATPLOTLIB_MISSING) from None
-
-
-def figure(width: float = 6.4, height: float = 3.6) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=FIG_DPI, layout="constrained")
-    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: no pyplot, no GUI backend
-    return fig
-
-
-def png_img(fig: Figure, alt: str) -> str:
-    """The figure as an inline <img>; the figure is cleared so its memory goes now."""
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=FIG_DPI, metadata={"Software": None})
-    finally:
-        fig.clear()
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def esc(value: Any) -> str:
@@ -85,7 +48,7 @@ caption{font-weight:bold;text-align:left;padding:.3em 0}
 table.confusion td{text-align:center;min-width:7em;font-size:1.1em}
 table.metrics td:not(:first-child){text-align:right;white-space:nowrap}
 table.disagreements td:last-child{max-width:40em}
-.note{color:#555;font-size:.92em}img{max-width:100%;height:auto;display:block;margin:.6em 0}
+.note{color:#555;font-size:.92em}svg{max-width:100%;height:auto;display:block;margin:.6em 0}
 .meta{color:#777;font-size:.85em}.labels{font-weight:bold}
 table.confusion.by-type td{font-size:1em}
 table.indicators{min-width:28em}

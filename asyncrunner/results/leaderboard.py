@@ -39,6 +39,7 @@ from asyncrunner import refusals
 from asyncrunner.db import store
 from asyncrunner.db.drops import describe, drop_summary
 from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.results import svg as _svg
 from asyncrunner.results.compare import (
     Pairing,
     fmt,
@@ -48,15 +49,9 @@ from asyncrunner.results.compare import (
     pairing_lines,
 )
 from asyncrunner.results.html import CSS as _CSS
-from asyncrunner.results.html import (
-    NEGATIVE_COLOUR,
-    POSITIVE_COLOUR,
-    require_matplotlib,
-)
+from asyncrunner.results.html import NEGATIVE_COLOUR, POSITIVE_COLOUR
 from asyncrunner.results.html import esc as _esc
-from asyncrunner.results.html import figure as _figure
 from asyncrunner.results.html import note as _note
-from asyncrunner.results.html import png_img as _png_img
 from asyncrunner.results.html import section as _section
 from asyncrunner.results.html import table as _table
 from asyncrunner.results.html import write_atomic as _write_atomic
@@ -571,24 +566,39 @@ def to_json(board: Board) -> dict[str, Any]:
 # --------------------------------------------------------------------------- HTML
 
 
+F1_CHART_WIDTH = 700.0
+F1_LABEL_CAP = 28  # characters of an experiment's label beside its row
+
+
+def _f1_row(y: float, low: float, f1: float, high: float, x: _svg.Scale,
+            colour: str) -> str:
+    """One experiment: its F1 as a dot on a horizontal 95 % error bar with end caps."""
+    bar = (f"M{_svg.num(x(low))} {_svg.num(y)}H{_svg.num(x(high))}"
+           + "".join(f"M{_svg.num(x(end))} {_svg.num(y - 5)}v10" for end in (low, high)))
+    return (_svg.path(bar, stroke=colour, width=1.5)
+            + _svg.dots([(f1, 0.0)], x, _svg.Scale(0, 0, y, y), colour, size=8.0))
+
+
 def chart_f1(board: Board) -> str:
     """F1 of every experiment with its 95 % interval as error bars, best in colour."""
     rows = [(i, e) for i, e in enumerate(board.entries, 1) if e.f1 is not None]
-    fig = _figure(7.0, max(2.4, 0.45 * len(board.entries) + 1.2))
-    ax = fig.add_subplot()
-    for y, (_, e) in enumerate(rows):
-        f1 = e.f1 or 0.0
+    labels = [f"#{i} {_cut(e.label, F1_LABEL_CAP)}" for i, e in rows]
+    height = max(240.0, 45.0 * len(board.entries) + 120)
+    left = _svg.y_label_room(labels, title=False)
+    frame = _svg.Frame(left, 16.0, F1_CHART_WIDTH - left - 24, height - 16 - 50)
+    x = frame.x(-0.02, 1.02)  # a point at 0 or 1 stays whole
+    values = _svg.ticks(0.0, 1.0)
+    rows_y = _svg.Scale(0, max(1, len(rows)), frame.top, frame.bottom)  # row 1 on top
+    parts = [_svg.x_axis(frame, x, values, _svg.tick_labels(values),
+                         "narrative F1 with 95% interval", grid=True)]
+    for k, (_, e) in enumerate(rows):
         low, high = f1_interval(e.narrative.tp, e.narrative.fp, e.narrative.fn)
         colour = POSITIVE_COLOUR if e.experiment_id == board.best else NEGATIVE_COLOUR
-        ax.errorbar([f1], [y], xerr=[[f1 - low], [high - f1]], fmt="o", color=colour,
-                    capsize=4)
-    ax.set_yticks(range(len(rows)),
-                  [f"#{i} {_cut(e.label, 28)}" for i, e in rows])
-    ax.invert_yaxis()  # row 1 on top, as in the table
-    ax.set_xlim(-0.02, 1.02)  # a point at 0 or 1 stays whole
-    ax.set_xlabel("narrative F1 with 95% interval")
-    ax.grid(axis="x", alpha=0.3)
-    return _png_img(fig, "F1 with its 95% interval per experiment")
+        parts.append(_f1_row(rows_y(k + 0.5), low, e.f1 or 0.0, high, x, colour))
+    parts += [_svg.frame_box(frame),
+              _svg.y_axis(frame, rows_y, [k + 0.5 for k in range(len(rows))], labels)]
+    return _svg.document(F1_CHART_WIDTH, height, "F1 with its 95% interval per experiment",
+                         *parts)
 
 
 def _html_table(board: Board) -> str:
@@ -613,7 +623,6 @@ def _html_table(board: Board) -> str:
 
 
 def render_html(board: Board) -> str:
-    require_matplotlib()  # before any work, so a missing extra fails fast and alone
     study = f" of study {board.study_id}" if board.study_id else ""
     title = f"asyncrunner leaderboard: {len(board.entries)} experiments{study}"
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -642,7 +651,6 @@ def _lines(lines: Iterable[str]) -> str:
 
 
 def write_html(board: Board, path: Path) -> Path:
-    """Write the page to `path` (atomically) and return it; UsageError without
-    matplotlib."""
+    """Write the page to `path` (atomically) and return it."""
     _write_atomic(Path(path), render_html(board))
     return Path(path)

@@ -11,14 +11,9 @@ default) or "adjudicated" (those with the reviewers' decisions in their place, l
 the header and the summary say which, and how many decisions that took in.
 
 The file must open anywhere, offline and years later, so everything is inline: CSS in a
-<style> element and every chart a base64 PNG in a data: URI (no CDN, no web fonts, no
-JavaScript). Charts are drawn with matplotlib's Agg renderer on `Figure` objects that pyplot
-never sees, so nothing opens a window, no global backend is switched and no figure outlives
-its function.
-
-matplotlib is optional (`asyncrunner[report]`, ~117 MB): it is imported only by the
-functions that draw, and `render_html` checks for it first, so without it the report fails
-in one line (UsageError) and every other command, this module's import included, works.
+<style> element and every chart an inline <svg> element drawn by svg.py (no CDN, no web
+fonts, no JavaScript, no plotting library: matplotlib used to be the largest fixed cost of a
+run). A chart is a handful of elements however many results it shows.
 
 What the report never contains: narrative text (it is not even selected — results rows carry
 only ids, labels and the model's answer) and any secret (the stored config names the API key
@@ -48,16 +43,11 @@ from typing import Any
 
 from asyncrunner.db import store
 from asyncrunner.errors import RefusedError, UsageError
+from asyncrunner.results import svg as _svg
 from asyncrunner.results.html import CSS as _CSS
-from asyncrunner.results.html import (
-    NEGATIVE_COLOUR,
-    POSITIVE_COLOUR,
-    require_matplotlib,
-)
+from asyncrunner.results.html import NEGATIVE_COLOUR, POSITIVE_COLOUR
 from asyncrunner.results.html import esc as _esc
-from asyncrunner.results.html import figure as _figure
 from asyncrunner.results.html import note as _note
-from asyncrunner.results.html import png_img as _png_img
 from asyncrunner.results.html import section as _section
 from asyncrunner.results.html import table as _table
 from asyncrunner.results.html import write_atomic as _write_atomic
@@ -417,68 +407,111 @@ def cap_answer(text: str | None, length: int | None = None, *,
 
 # --------------------------------------------------------------------------- charts
 
+# Chart sizes in pixels: the old figures' inches at 100 dpi.
+CONFUSION_SIZE = (420.0, 360.0)
+CONFIDENCE_SIZE = (640.0, 360.0)
+CALIBRATION_SIZE = (480.0, 420.0)
+TIMELINE_SIZE = (720.0, 500.0)
+ERRORS_WIDTH = 560.0
+LATENCY_COLOURS = (POSITIVE_COLOUR, "grey", "black")
+MAX_MARKED_MINUTES = 60  # up to this many minutes every point gets a dot (a lone one shows)
+
+
+def _cell_text(cx: float, cy: float, name: str, count: int, colour: str,
+               cell: float) -> str:
+    """A heatmap cell's name over its count; a huge count shrinks to fit the cell."""
+    shown = str(count)
+    size = min(17.0, 0.85 * cell / (_svg.CHAR_WIDTH * max(2, len(shown))))
+    return (_svg.text(cx, cy - 11, name, size=17.0, fill=colour, middle=True)
+            + _svg.text(cx, cy + 11, shown, size=size, fill=colour, middle=True))
+
 
 def chart_confusion(tp: int, fp: int, tn: int, fn: int, *, label: str = "manual label") -> str:
-    fig = _figure(4.2, 3.6)
-    ax = fig.add_subplot()
-    # Rows: predicted 1 / 0; columns: manual label 1 / 0 (same layout as the HTML table).
-    grid = [[tp, fp], [fn, tn]]
-    names = [["TP", "FP"], ["FN", "TN"]]
-    ax.imshow(grid, cmap="Blues", vmin=0, vmax=max(1, tp, fp, tn, fn))
+    width, height = CONFUSION_SIZE
+    cell = 115.0
+    frame = _svg.Frame(125.0, 42.0, 2 * cell, 2 * cell)
+    # Rows: predicted 1 / 0; columns: label 1 / 0 (same layout as the HTML table).
+    grid = [[("TP", tp), ("FP", fp)], [("FN", fn), ("TN", tn)]]
     top = max(1, tp, fp, tn, fn)
-    for r in range(2):
-        for c in range(2):
-            colour = "white" if grid[r][c] > top / 2 else "black"
-            ax.text(c, r, f"{names[r][c]}\n{grid[r][c]}", ha="center", va="center",
-                    color=colour, fontsize=13)
-    ax.set_xticks([0, 1], ["label 1", "label 0"])
-    ax.set_yticks([0, 1], ["detected 1", "detected 0"])
-    ax.set_xlabel(label)
-    ax.set_ylabel("predicted")
-    ax.set_title("Confusion matrix")
-    return _png_img(fig, "Confusion matrix heatmap")
+    parts = [_svg.text(width / 2, 24, "Confusion matrix", size=_svg.TITLE_SIZE, bold=True)]
+    for r, row in enumerate(grid):
+        for c, (name, count) in enumerate(row):
+            x, y = frame.left + c * cell, frame.top + r * cell
+            colour = "white" if count > top / 2 else "black"  # readable on dark cells
+            parts += [_svg.rect(x, y, cell, cell, _svg.blues(count, top)),
+                      _cell_text(x + cell / 2, y + cell / 2, name, count, colour, cell)]
+    centres = [0.5, 1.5]
+    columns = _svg.Scale(0, 2, frame.left, frame.right)
+    rows = _svg.Scale(0, 2, frame.top, frame.bottom)  # row 0 (detected 1) on top
+    parts += [_svg.frame_box(frame),
+              _svg.x_axis(frame, columns, centres, ["label 1", "label 0"], label),
+              _svg.y_axis(frame, rows, centres, ["detected 1", "detected 0"], "predicted")]
+    return _svg.document(width, height, "Confusion matrix heatmap", *parts)
+
+
+def _counts_axis(top_count: float) -> tuple[float, list[float], list[str]]:
+    """Axis maximum, ticks and labels of a count axis: whole numbers only."""
+    top = _svg.nice_top(top_count, integer=True)
+    values = _svg.ticks(0, top, integer=True)
+    return top, values, _svg.tick_labels(values)
+
+
+def _unit_axis() -> tuple[list[float], list[str]]:
+    """Ticks and labels of a 0..1 axis (confidence, probability, F1)."""
+    values = _svg.ticks(0.0, 1.0)
+    return values, _svg.tick_labels(values)
 
 
 def chart_confidence(hist: ConfidenceHistogram, *, label: str = "manual label") -> str:
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure()
-    ax = fig.add_subplot()
-    edges = list(hist.edges)
-    centres = [(a + b) / 2 for a, b in pairwise(edges)]
-    # The counts are the bins' weights: the same side-by-side bars as a histogram of values.
-    ax.hist([centres, centres], bins=edges, weights=[list(hist.positive), list(hist.negative)],
-            color=[POSITIVE_COLOUR, NEGATIVE_COLOUR],
-            label=[f"{label} 1 (n={sum(hist.positive)})",
-                   f"{label} 0 (n={sum(hist.negative)})"])
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("model confidence in its answer")
-    ax.set_ylabel("results")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no half results
-    ax.legend(loc="upper left")
-    return _png_img(fig, f"Confidence distribution by {label}")
+    width, height = CONFIDENCE_SIZE
+    top, y_values, y_labels = _counts_axis(max((*hist.positive, *hist.negative), default=0))
+    left = _svg.y_label_room(y_labels)
+    frame = _svg.Frame(left, 16.0, width - left - 16, height - 16 - 56)
+    x, y = frame.x(0.0, 1.0), frame.y(0.0, top)
+    # Per bin the two series side by side over the middle 80 % (as matplotlib's hist).
+    series: tuple[list[tuple[float, float, float, float]], ...] = ([], [])
+    for i, (a, b) in enumerate(pairwise(hist.edges)):
+        step = (b - a) * 0.4
+        for k, count in enumerate((hist.positive[i], hist.negative[i])):
+            x0, x1 = x(a + (b - a) * 0.1 + k * step), x(a + (b - a) * 0.1 + (k + 1) * step)
+            series[k].append((x0, y(count), x1 - x0, y(0) - y(count)))
+    x_values, x_labels = _unit_axis()
+    parts = [_svg.path(_svg.bars_d(series[0]), fill=POSITIVE_COLOUR),
+             _svg.path(_svg.bars_d(series[1]), fill=NEGATIVE_COLOUR),
+             _svg.frame_box(frame),
+             _svg.x_axis(frame, x, x_values, x_labels, "model confidence in its answer"),
+             _svg.y_axis(frame, y, y_values, y_labels, "results"),
+             _svg.legend(frame.left + 8, frame.top + 8, [
+                 (_svg.BOX, POSITIVE_COLOUR, f"{label} 1 (n={sum(hist.positive)})"),
+                 (_svg.BOX, NEGATIVE_COLOUR, f"{label} 0 (n={sum(hist.negative)})")])]
+    return _svg.document(width, height, f"Confidence distribution by {label}", *parts)
 
 
 def chart_calibration(bins: Sequence[CalibrationBin]) -> str:
-    fig = _figure(4.8, 4.2)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.plot([b.mean_predicted for b in bins], [b.observed_rate for b in bins], marker="o",
-            color=POSITIVE_COLOUR, label="observed")
-    for b in bins:
-        ax.annotate(str(b.n), (b.mean_predicted, b.observed_rate), fontsize=7,
-                    textcoords="offset points", xytext=(4, -10))
-    ax.set_xlim(0, 1)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("p(detected), bin mean")
-    ax.set_ylabel("observed positive rate")
-    ax.legend(loc="upper left")
-    return _png_img(fig, "Calibration curve")
+    width, height = CALIBRATION_SIZE
+    values, labels = _unit_axis()
+    left = _svg.y_label_room(labels)
+    frame = _svg.Frame(left, 16.0, width - left - 16, height - 16 - 56)
+    x, y = frame.x(0.0, 1.0), frame.y(-0.02, 1.02)
+    points = [(b.mean_predicted, b.observed_rate) for b in bins]
+    parts = [_svg.line(x(0), y(0), x(1), y(1), "grey", width=1.5, dash="6 4"),
+             _svg.path(_svg.line_d(points, x, y), stroke=POSITIVE_COLOUR),
+             _svg.dots(points, x, y, POSITIVE_COLOUR)]
+    parts += [_svg.text(x(b.mean_predicted) + 4, y(b.observed_rate) + 14, str(b.n),
+                        anchor="start", size=10)
+              for b in bins if math.isfinite(b.mean_predicted) and math.isfinite(b.observed_rate)]
+    parts += [_svg.frame_box(frame),
+              _svg.x_axis(frame, x, values, labels, "p(detected), bin mean"),
+              _svg.y_axis(frame, y, values, labels, "observed positive rate"),
+              _svg.legend(frame.left + 8, frame.top + 8, [
+                  (_svg.DASHED, "grey", "perfect calibration"),
+                  (_svg.LINE_DOT, POSITIVE_COLOUR, "observed")])]
+    return _svg.document(width, height, "Calibration curve", *parts)
 
 
 def _minute_steps(minutes: Sequence[MinuteStats]) -> tuple[list[datetime], list[int]]:
     """Edges and heights of the per-minute counts as one step outline, zero across gaps:
-    one artist however many minutes (a bar per minute is slow to draw on a long run)."""
+    one path however many minutes (a bar per minute would grow with a long run)."""
     edges: list[datetime] = []
     heights: list[int] = []
     one = timedelta(minutes=1)
@@ -493,50 +526,90 @@ def _minute_steps(minutes: Sequence[MinuteStats]) -> tuple[list[datetime], list[
     return edges, heights
 
 
-def chart_timeline(minutes: Sequence[MinuteStats]) -> str:
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(7.2, 5.0)
-    ax_rate, ax_lat = fig.subplots(2, 1, sharex=True)
+def _rate_panel(frame: _svg.Frame, x: _svg.Scale, ticks_x: Sequence[float],
+                minutes: Sequence[MinuteStats]) -> str:
+    """Results per minute as a filled step outline."""
     edges, heights = _minute_steps(minutes)
-    ax_rate.stairs(heights, edges, fill=True, color=NEGATIVE_COLOUR)
-    ax_rate.set_ylabel("results / minute")
-    ax_rate.yaxis.set_major_locator(MaxNLocator(integer=True))
-    timed = [m for m in minutes if m.latency is not None]
+    top, y_values, y_labels = _counts_axis(max(heights, default=0))
+    y = frame.y(0.0, top)
+    outline = [(t.timestamp(), float(h))
+               for (a, b), h in zip(pairwise(edges), heights, strict=True) for t in (a, b)]
+    return (_svg.path(_svg.area_d(outline, x, y), fill=NEGATIVE_COLOUR)
+            + _svg.frame_box(frame)
+            + _svg.x_axis(frame, x, ticks_x, [""] * len(ticks_x))
+            + _svg.y_axis(frame, y, y_values, y_labels, "results / minute"))
+
+
+def _latency_panel(frame: _svg.Frame, x: _svg.Scale, ticks_x: Sequence[tuple[float, str]],
+                   minutes: Sequence[MinuteStats]) -> str:
+    """Median, 90th and 99th percentile of the minute's response times, one line each."""
+    timed = [(m.minute.timestamp() + 30, m.latency) for m in minutes if m.latency is not None]
+    highest = max((v for _, lat in timed for v in lat if math.isfinite(v)), default=0.0)
+    top = _svg.nice_top(highest)
+    y_values = _svg.ticks(0.0, top)
+    y = frame.y(0.0, top)
+    marked = len(timed) <= MAX_MARKED_MINUTES
+    parts: list[str] = []
+    entries: list[tuple[str, str, str]] = []
+    for i, (pct, colour) in enumerate(zip(LATENCY_PERCENTILES, LATENCY_COLOURS, strict=True)):
+        points = [(when, lat[i]) for when, lat in timed]
+        parts.append(_svg.path(_svg.line_d(points, x, y), stroke=colour, width=1.2))
+        if marked:
+            parts.append(_svg.dots(points, x, y, colour, size=5.0))
+        entries.append((_svg.LINE_DOT if marked else _svg.LINE, colour,
+                        "median" if pct == 50 else f"{pct}th percentile"))
+    parts += [_svg.frame_box(frame),
+              _svg.x_axis(frame, x, [t for t, _ in ticks_x], [s for _, s in ticks_x],
+                          "processed at (UTC)"),
+              _svg.y_axis(frame, y, y_values, _svg.tick_labels(y_values), "latency (s)")]
     if timed:
-        when = [m.minute + timedelta(seconds=30) for m in timed]
-        marker = "o" if len(timed) <= 60 else None   # a lone minute is still visible
-        for i, (pct, colour) in enumerate(zip(LATENCY_PERCENTILES,
-                                              (POSITIVE_COLOUR, "grey", "black"),
-                                              strict=True)):
-            ax_lat.plot(when, [m.latency[i] for m in timed if m.latency], color=colour,
-                        marker=marker, markersize=3, linewidth=1.2,
-                        label="median" if pct == 50 else f"{pct}th percentile")
-        ax_lat.legend(loc="upper left")
-        ax_lat.set_ylim(bottom=0)
-    ax_lat.set_ylabel("latency (s)")
-    ax_lat.set_xlabel("processed at (UTC)")
-    # Concise labels (time, date once) stay readable from a minute-long to a days-long run.
-    # matplotlib leaves these two constructors unannotated.
-    locator = AutoDateLocator(tz=UTC)  # type: ignore[no-untyped-call]
-    ax_lat.xaxis.set_major_locator(locator)
-    ax_lat.xaxis.set_major_formatter(
-        ConciseDateFormatter(locator, tz=UTC))  # type: ignore[no-untyped-call]
-    return _png_img(fig, "Throughput and latency over time")
+        parts.append(_svg.legend(frame.left + 8, frame.top + 8, entries))
+    return "".join(parts)
+
+
+def chart_timeline(minutes: Sequence[MinuteStats]) -> str:
+    """Two panels sharing one UTC time axis: results per minute over latency percentiles."""
+    width, height = TIMELINE_SIZE
+    edges, heights = _minute_steps(minutes)
+    # Room for the widest y labels of either panel, so the two plots line up.
+    _, _, rate_labels = _counts_axis(max(heights, default=0))
+    left = max(_svg.y_label_room(rate_labels), 72.0)
+    plot_width = width - left - 24
+    rate = _svg.Frame(left, 14.0, plot_width, 180.0)
+    latency = _svg.Frame(left, rate.bottom + 18, plot_width, 205.0)
+    if edges:
+        x = rate.x(edges[0].timestamp(), edges[-1].timestamp())
+        ticks_x = _svg.time_ticks(edges[0], edges[-1], max_ticks=int(plot_width // 95))
+    else:
+        x, ticks_x = rate.x(0.0, 60.0), []
+    return _svg.document(width, height, "Throughput and latency over time",
+                         _rate_panel(rate, x, [t for t, _ in ticks_x], minutes),
+                         _latency_panel(latency, x, ticks_x, minutes))
+
+
+ERROR_LABEL_CAP = 40  # characters of a category name beside its bar
 
 
 def chart_errors(counts: dict[str, int]) -> str:
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(5.6, max(2.0, 0.8 + 0.4 * len(counts)))
-    ax = fig.add_subplot()
-    names = list(counts)
-    ax.barh(names, [counts[n] for n in names], color=POSITIVE_COLOUR)
-    ax.invert_yaxis()  # largest category first, as in the table
-    ax.set_xlabel("error rows")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _png_img(fig, "Errors by category")
+    """One horizontal bar per category, the largest on top."""
+    names = sorted(counts, key=lambda name: (-counts[name], name))
+    shown = [name if len(name) <= ERROR_LABEL_CAP else name[:ERROR_LABEL_CAP - 1] + "…"
+             for name in names]
+    row = 40.0
+    height = max(200.0, 80 + row * len(names))
+    top, x_values, x_labels = _counts_axis(max(counts.values(), default=0))
+    left = _svg.y_label_room(shown, title=False)
+    frame = _svg.Frame(left, 16.0, ERRORS_WIDTH - left - 24, height - 16 - 50)
+    x = frame.x(0.0, top)
+    pitch = frame.height / max(1, len(names))
+    boxes = [(x(0), frame.top + pitch * (i + 0.1), x(counts[name]) - x(0), pitch * 0.8)
+             for i, name in enumerate(names)]
+    rows = _svg.Scale(0, max(1, len(names)), frame.top, frame.bottom)
+    parts = [_svg.path(_svg.bars_d(boxes), fill=POSITIVE_COLOUR),
+             _svg.frame_box(frame),
+             _svg.x_axis(frame, x, x_values, x_labels, "error rows"),
+             _svg.y_axis(frame, rows, [i + 0.5 for i in range(len(names))], shown)]
+    return _svg.document(ERRORS_WIDTH, height, "Errors by category", *parts)
 
 
 # --------------------------------------------------------------------------- HTML pieces
@@ -886,7 +959,6 @@ def section_provenance(conn: sqlite3.Connection, record: store.ExperimentRecord)
 
 def render_html(conn: sqlite3.Connection, record: store.ExperimentRecord, *,
                 labels: str = "manual") -> str:
-    require_matplotlib()  # before any work, so a missing extra fails fast and alone
     eid = record.experiment_id
     n_results, _ = store.count_results(conn, eid)
     scored = metrics_report(conn, eid, labels=labels)
@@ -930,8 +1002,8 @@ def default_report_path(output_dir: Path, experiment_id: str) -> Path:
 def write_report(conn: sqlite3.Connection, experiment_id: str, out: Path, *,
                  labels: str = "manual") -> Path:
     """Write the HTML report of one experiment to `out` (atomically), scored against
-    `labels` ("manual" or "adjudicated"); return the path. UsageError when matplotlib is
-    not installed or `labels` is unknown, RefusedError for an unknown experiment."""
+    `labels` ("manual" or "adjudicated"); return the path. UsageError when `labels`
+    is unknown, RefusedError for an unknown experiment."""
     if labels not in LABEL_SETS:
         raise UsageError(f"labels must be one of {', '.join(LABEL_SETS)}, not {labels!r}")
     record = store.get_experiment(conn, experiment_id)
