@@ -8,6 +8,7 @@ import json
 import socket
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -77,6 +78,53 @@ async def test_a_hanging_server_is_a_timeout() -> None:
     assert isinstance(out, RequestFailure)
     assert (out.category, out.retryable) == ("timeout", True)
     assert out.response_sec < 2.0
+
+
+class DrippingServer:
+    """Answers every request with a 200 whose body comes one byte every `gap_s`: each read
+    succeeds well within a read timeout, the exchange as a whole never ends."""
+
+    def __init__(self, gap_s: float = 0.1) -> None:
+        self.gap_s = gap_s
+        self.served = 0
+
+    async def _serve(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with anyio.move_on_after(20):
+                await stream.receive()
+                self.served += 1
+                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 100000\r\n\r\n")
+                for _ in range(100_000):
+                    await stream.send(b" ")
+                    await anyio.sleep(self.gap_s)
+
+    async def run(self, listener: anyio.abc.SocketListener) -> None:
+        async with listener:
+            await listener.serve(self._serve)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_server_dripping_its_answer_is_a_timeout(transport: str) -> None:
+    """The whole exchange is bounded ("total": timeout_s + 1 s), not only each read: by
+    aiohttp itself on our transport, by the session on any other (here httpx's own)."""
+    drip = DrippingServer()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drip.run, listener)
+        other = httpx.AsyncHTTPTransport() if transport == "httpx" else None
+        async with make_http_client(1, 0.5, transport=other) as http:
+            assert http._bounded is (transport == "aiohttp")
+            client = LLMClient(settings(f"http://127.0.0.1:{port}/v1", timeout_s=0.5), http,
+                               AdaptiveLimiter(1))
+            with anyio.fail_after(10):
+                out = await client.complete("system", TEXT)
+        tg.cancel_scope.cancel()
+    assert drip.served == 1
+    assert isinstance(out, RequestFailure)
+    assert (out.category, out.retryable) == ("timeout", True)
+    assert 1.4 <= out.response_sec < 5.0
 
 
 async def test_the_transport_answers_with_a_read_httpx_response() -> None:
@@ -150,9 +198,9 @@ async def test_a_mock_transport_still_drops_in() -> None:
     assert seen[0].url == "http://llm.test/v1/chat/completions"
     # the client's request carries its own timeouts; one without them gets the session's
     assert seen[0].extensions["timeout"] == {"connect": 10.0, "read": 30.0, "write": 30.0,
-                                             "pool": None}
+                                             "pool": None, "total": 31.0}
     assert seen[1].extensions["timeout"] == {"connect": 7.0, "read": 7.0, "write": 7.0,
-                                             "pool": None}
+                                             "pool": None, "total": 8.0}
 
 
 @pytest.mark.parametrize("extra", [

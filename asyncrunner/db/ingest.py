@@ -421,9 +421,10 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
         # Rows may be shorter than the header (CSV, or sheets whose trailing cells are
         # empty): padded with blanks, which no digest counts (trailing blanks are trimmed).
         values = raw if len(raw) >= width else [*raw, *([None] * (width - len(raw)))]
-        # Each cell as text once, and JSON-encoded once for both digests.
-        cells = [_cell_text(v) for v in values]
-        if all(c is None for c in cells):
+        # Each cell as text once (text cells inline: millions of them), and JSON-encoded
+        # once for both digests.
+        cells = [(v.strip() or None) if type(v) is str else _cell_text(v) for v in values]
+        if not any(cells):    # _cell_text gives None or a non-empty text
             continue  # formatted-but-empty rows that spreadsheets keep at the end
         counts.n_rows += 1
         encoded = _encoded(cells)

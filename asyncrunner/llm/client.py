@@ -240,11 +240,17 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(seconds, 0.0)
 
 
+# The whole exchange may take this much longer than one read may (EXCHANGE_SLACK_S).
+EXCHANGE_SLACK_S = 1.0
+
+
 def http_timeouts(timeout_s: float) -> dict[str, float | None]:
     """httpx's per-phase timeouts (the request's "timeout" extension): connect within
     min(timeout_s, 10) s, each read and write within timeout_s, wait for a pooled connection
-    as long as it takes (the limiter already bounds what is in flight)."""
-    return httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None).as_dict()
+    as long as it takes (the limiter already bounds what is in flight). Plus "total", ours:
+    the bound on the whole exchange (a server dripping bytes never trips a per-read one)."""
+    return {**httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=None).as_dict(),
+            "total": timeout_s + EXCHANGE_SLACK_S}
 
 
 class HttpSender(Protocol):
@@ -259,10 +265,12 @@ class HttpSession:
     """The HTTP side shared by all workers: one transport and its pool, used directly.
 
     `send` hands a prepared request to the transport and returns the response with its body
-    read; a request without a "timeout" extension gets this session's. A body larger than
-    `max_response_bytes` raises `ResponseTooLarge` (the aiohttp transport stops reading at
-    the limit; other transports are checked after reading). Usable as `async with`; closing
-    it closes the transport.
+    read; a request without a "timeout" extension gets this session's. The exchange ends
+    with TimeoutError after the extension's "total" seconds: the aiohttp transport keeps
+    that bound itself (`bounds_total`: one timer less per request, on the hot path), other
+    transports are bounded here. A body larger than `max_response_bytes` raises
+    `ResponseTooLarge` (the aiohttp transport stops reading at the limit; other transports
+    are checked after reading). Usable as `async with`; closing it closes the transport.
     """
 
     def __init__(self, transport: httpx.AsyncBaseTransport, timeout_s: float,
@@ -270,18 +278,30 @@ class HttpSession:
         self.transport = transport
         self.timeouts = http_timeouts(timeout_s)
         self.max_response_bytes = max_response_bytes
+        self._bounded = bool(getattr(transport, "bounds_total", False))
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        if "timeout" not in request.extensions:
-            request.extensions = {**request.extensions, "timeout": self.timeouts}
+        timeouts = request.extensions.get("timeout")
+        if timeouts is None:
+            timeouts = self.timeouts
+            request.extensions = {**request.extensions, "timeout": timeouts}
+        total = timeouts.get("total")
+        if self._bounded or total is None:
+            response = await self._exchange(request)
+        else:
+            with anyio.fail_after(total):     # the body read included
+                response = await self._exchange(request)
+        limit = self.max_response_bytes
+        if limit is not None and len(response.content) > limit:
+            raise ResponseTooLarge(limit, request)
+        return response
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
         response = await self.transport.handle_async_request(request)
         try:
             await response.aread()      # at once for aiohttp's and MockTransport's answers
         finally:
             await response.aclose()
-        limit = self.max_response_bytes
-        if limit is not None and len(response.content) > limit:
-            raise ResponseTooLarge(limit, request)
         return response
 
     async def aclose(self) -> None:
@@ -526,9 +546,8 @@ class LLMClient:
         sent_at = time.monotonic()
         outcome: Completion | RequestFailure
         try:
-            # httpx's read timeout is per read; this bounds the whole exchange.
-            with anyio.fail_after(self.settings.timeout_s + 1.0):
-                response = await self.http.send(request)
+            # Bounded as a whole by the "total" timeout (http_timeouts): see HttpSession.
+            response = await self.http.send(request)
         except (TimeoutError, httpx.TimeoutException):
             outcome = fail(ErrorCategory.TIMEOUT,
                            f"no response within {self.settings.timeout_s:g}s", retryable=True)

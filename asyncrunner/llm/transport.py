@@ -19,7 +19,9 @@ What this transport does, and no more:
     (client.py) is raised and the connection closed (a Content-Length above the limit is
     refused before reading; a chunked body is counted as it arrives);
   * httpx's per-phase timeouts from the request's "timeout" extension (connect, read, pool;
-    aiohttp has no write timeout: the client's bound on the whole exchange covers writes);
+    aiohttp has no write timeout), and its "total" (client.http_timeouts) as aiohttp's
+    bound on the whole exchange, body included, which also covers writes (`bounds_total`:
+    HttpSession then sets no timer of its own);
   * every aiohttp or socket error mapped to the httpx exception that names the same failure,
     here at the edge, so the client's error categories keep working:
 
@@ -55,6 +57,8 @@ _HTTP_VERSIONS = {aiohttp.HttpVersion10: b"HTTP/1.0", aiohttp.HttpVersion11: b"H
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An `httpx.AsyncBaseTransport` over one `aiohttp.ClientSession` (HTTP/1.1)."""
 
+    bounds_total = True     # the "total" timeout is kept here (see the module docstring)
+
     def __init__(self, *, max_connections: int, keepalive_expiry: float = DEFAULT_KEEPALIVE_S,
                  verify: ssl.SSLContext | bool = True,
                  max_response_bytes: int | None = None) -> None:
@@ -85,16 +89,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     def _timeout(self, spec: dict[str, float | None] | None) -> aiohttp.ClientTimeout:
-        """httpx's {connect, read, write, pool} as aiohttp's: `connect` there covers waiting
-        for a pooled connection plus connecting; `sock_connect` the TCP/TLS connect alone."""
+        """httpx's {connect, read, write, pool} and our "total" as aiohttp's: `connect` there
+        covers waiting for a pooled connection plus connecting; `sock_connect` the TCP/TLS
+        connect alone; `total` the whole exchange."""
         spec = spec or {}
-        key = (spec.get("connect"), spec.get("read"), spec.get("pool"))
+        key = (spec.get("connect"), spec.get("read"), spec.get("pool"), spec.get("total"))
         timeout = self._timeouts.get(key)
         if timeout is None:
-            connect, read, pool = key
+            connect, read, pool, total = key
             acquire = None if pool is None or connect is None else pool + connect
-            timeout = aiohttp.ClientTimeout(total=None, connect=acquire, sock_connect=connect,
-                                            sock_read=read)
+            timeout = aiohttp.ClientTimeout(total=total, connect=acquire,
+                                            sock_connect=connect, sock_read=read)
             if len(self._timeouts) > 16:
                 self._timeouts.clear()
             self._timeouts[key] = timeout
