@@ -44,7 +44,7 @@ import sqlite3
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -132,11 +132,13 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
     session_id = uuid.uuid4().hex
     with _sigterm_as_exception(), closing(connect(req.db_path)) as conn, \
             ExperimentLock(req.db_path, d.experiment_id) as lock, _run_log(), \
-            SpaceReserve(req.db_path, d.experiment_id) as reserve:
+            SpaceReserve(req.db_path, d.experiment_id) as reserve, \
+            _resume_backup(d) as pending:
         first_backup = _backup_before_new_run(conn, d)
         plan = complete(conn, d)
         _warn_unknown_env(req.env, plan.config)
-        _open_record(conn, plan, lock, out, session_id, first_backup)
+        _open_record(conn, plan, lock, out, session_id,
+                     pending.result() if pending is not None else first_backup)
         return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport,
                           reserve)
 
@@ -156,6 +158,14 @@ def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
     if d.intent is not Intent.NEW or d.request.study is not None:
         return None        # a study's cells: the sweep took one backup before the first
     return backup.backup_before_new_writes(conn, d.request.db_path)
+
+
+def _resume_backup(d: Draft) -> AbstractContextManager[backup.BackgroundBackup | None]:
+    """A resume backs the database up before it changes anything: the copy starts now
+    (the lock is held) and is waited for before the first write (`_open_record`)."""
+    if d.intent is Intent.NEW:
+        return nullcontext()
+    return backup.BackgroundBackup(d.request.db_path)
 
 
 def _progress_for(plan: RunPlan, on_commit: Callable[[Snapshot], None] | None
@@ -197,16 +207,13 @@ def _run_log() -> Iterator[None]:
 
 
 def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
-                 out: IO[str], session_id: str, first_backup: Path | None) -> None:
-    """Check the disk, back up an existing experiment, then create or reopen its record
-    and the session row (one transaction) and say so: the first line on stdout is the
-    experiment id."""
+                 out: IO[str], session_id: str, backup_path: Path | None) -> None:
+    """Check the disk (the backup taken before this, `backup_path`, is already on it),
+    then create or reopen the experiment's record and the session row (one transaction)
+    and say so: the first line on stdout is the experiment id."""
     cfg, experiment_id = plan.config, plan.experiment_id
-    backup_path = first_backup
-    backup.check_disk(plan.db_path, plan.target, with_backup=not plan.is_new,
+    backup.check_disk(plan.db_path, plan.target, with_backup=False,
                       output_dir=Path(cfg.run.output_dir), export_rows=plan.total)
-    if not plan.is_new:
-        backup_path = backup.make_backup(plan.db_path)
     record_session(conn, plan, session_id, plan.intent)
     print(f"experiment_id: {experiment_id}", file=out, flush=True)
     logs.open_run_log(cfg.run.log_dir, experiment_id)

@@ -59,3 +59,56 @@ def test_a_failed_backup_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError):
         backup.make_backup(db)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.db"]
+
+
+def test_a_background_backup_is_whole_once_result_returns(tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    conn = connect(db)
+    conn.executemany("INSERT INTO narrative_results (experiment_id, incident_id, "
+                     "narrative_type, error_occurred) VALUES ('e', ?, 'LE', 0)",
+                     [(str(i),) for i in range(2000)])
+    conn.commit()
+    with backup.BackgroundBackup(db) as pending:
+        # the caller reads meanwhile, as a resume's planning does
+        assert conn.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 2000
+        made = pending.result()
+    conn.close()
+    assert made.parent == tmp_path and not list(tmp_path.glob("*.partial"))
+    check = sqlite3.connect(made)
+    assert check.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 2000
+    check.close()
+
+
+def test_a_background_backup_raises_its_error_in_the_caller(tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    db.write_text("not a database\n" * 100)
+    with backup.BackgroundBackup(db) as pending, pytest.raises(sqlite3.DatabaseError):
+        pending.result()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.db"]
+
+
+def test_leaving_early_waits_for_the_background_backup(tmp_path: Path) -> None:
+    """A refused resume (here any error before result()) does not leave a copy half-written
+    behind the process: leaving the block waits for it."""
+    db = tmp_path / "exp.db"
+    connect(db).close()
+    with pytest.raises(RuntimeError, match="refused"), backup.BackgroundBackup(db):
+        raise RuntimeError("refused")
+    assert len(backup.list_backups(db)) == 1 and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_background_backup_needs_room_before_it_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "exp.db"
+    conn = connect(db)
+    conn.execute("CREATE TABLE pad (x BLOB)")
+    conn.execute("INSERT INTO pad VALUES (zeroblob(20 * 1024 * 1024))")
+    conn.commit()
+    conn.close()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("asyncrunner.diskspace.shutil.disk_usage",
+                        lambda path: usage._replace(free=10 * 1024 * 1024))
+    with pytest.raises(RefusedError, match="backup of the database"), \
+            backup.BackgroundBackup(db):
+        pass
+    assert backup.list_backups(db) == []

@@ -9,9 +9,11 @@ pages still in the WAL. The newest `KEEP` backups of a database are kept.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
+from types import TracebackType
 
 from asyncrunner.diskspace import check_free_space
 
@@ -84,6 +86,42 @@ def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) 
     partial.replace(target)
     prune(db_path, keep=keep, label=label)
     return target
+
+
+class BackgroundBackup:
+    """`make_backup` on a thread of its own, started once the disk has room for it: what a
+    resume does before its first write (hash the data file, plan) runs beside the copy
+    instead of after it; SQLite's backup and hashlib both run without the GIL. `result()`
+    waits for the copy and raises what it raised; leaving the block waits for it too, so
+    no copy is ever left half-written behind the process."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._made: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="resume-backup", daemon=True)
+
+    def _copy(self) -> None:
+        try:
+            self._made = make_backup(self.db_path)
+        except BaseException as exc:  # noqa: BLE001 - result() raises it in the caller
+            self._error = exc
+
+    def __enter__(self) -> BackgroundBackup:
+        check_disk(self.db_path, 0, with_backup=True)
+        self._thread.start()
+        return self
+
+    def result(self) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._made is not None
+        return self._made
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._thread.join()
 
 
 def list_backups(db_path: Path, label: str = RESUME_BACKUP) -> list[Path]:
