@@ -212,10 +212,11 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
             async with anyio.create_task_group() as work:
                 stop.work_scope = work.cancel_scope
                 work.start_soon(_produce, spec, narratives_send, stop, tg)
+                scope = work.cancel_scope
                 async with narratives_recv, results_send:
                     for _ in range(spec.workers):
                         work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
-                                        results_send.clone(), gate)
+                                        results_send.clone(), gate, lambda: scope.cancel_called)
             if tuner is not None:
                 tuner.stop()
             stop.finished()

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 from anyio import CancelScope, EndOfStream, WouldBlock
-from anyio.lowlevel import checkpoint_if_cancelled
+from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncrunner.clock import utc_now
@@ -155,7 +155,8 @@ async def _classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
 async def worker(client: LLMClient, prompt: Prompt,
                  narratives: MemoryObjectReceiveStream[Narrative],
                  results: MemoryObjectSendStream[Result],
-                 gate: Callable[[Result], bool] | None = None) -> None:
+                 gate: Callable[[Result], bool] | None = None,
+                 stopped: Callable[[], bool] | None = None) -> None:
     """Run until the producer closes its end of the narrative stream.
 
     A worker is a task of its own, so its context variables are its own: the narrative's
@@ -166,6 +167,7 @@ async def worker(client: LLMClient, prompt: Prompt,
 
     `gate(result)` (the runner's fail-fast and circuit breaker) sees every result before it
     is sent; False: the result is dropped (a fatal failure: the narrative stays remaining).
+    `stopped()` True: the run was told to stop now (its work scope was cancelled).
     """
     bind = structlog.contextvars.bind_contextvars
     async with narratives, results:
@@ -173,8 +175,11 @@ async def worker(client: LLMClient, prompt: Prompt,
             # A halt (fail-fast, breaker, second signal) cancels the workers' scope, but the
             # path below can reach the socket without an await that would deliver it: the
             # limiter's and the pool's fast paths do not yield. Without this check a worker
-            # would start one more request after the run was told to stop.
-            await checkpoint_if_cancelled()
+            # would start one more request after the run was told to stop. (A flag read on
+            # the way, the checkpoint that delivers the cancellation only once it is set:
+            # this runs once per narrative.)
+            if stopped is not None and stopped():
+                await checkpoint()
             try:
                 narrative = narratives.receive_nowait()
             except WouldBlock:
