@@ -14,7 +14,7 @@ import pytest
 from pipeline_helpers import EXPERIMENT_ID, database, make_result
 
 from asyncrunner.db.schema import connect
-from asyncrunner.pipeline.writer import INSERT_SQL, _row
+from asyncrunner.pipeline.writer import _row, insert_rows
 from asyncrunner.results.finalize import EXPORT_COLUMNS, export, spreadsheet_safe
 
 db = pytest.fixture(name="db")(database)
@@ -28,7 +28,7 @@ def stored(db: Path) -> Iterator[list[tuple[object, ...]]]:
         for i in range(40):
             experiment = "other" if i % 7 == 3 else EXPERIMENT_ID
             category = "timeout" if i % 3 == 0 or i in (10, 11, 12) else None
-            conn.execute(INSERT_SQL, _row(experiment, make_result(i, error_category=category)))
+            insert_rows(conn, [_row(experiment, make_result(i, error_category=category))])
         conn.row_factory = None
         rows = conn.execute(
             f"SELECT {', '.join(EXPORT_COLUMNS)} FROM narrative_results "
@@ -96,7 +96,7 @@ def test_spreadsheet_safe_neutralises_formulas_and_keeps_numbers(value: object,
 def test_csv_export_neutralises_formula_cells_from_ids_and_model_output(
         db: Path, tmp_path: Path) -> None:
     with closing(connect(db)) as conn:
-        conn.execute(INSERT_SQL, _row(EXPERIMENT_ID, make_result(1)))
+        insert_rows(conn, [_row(EXPERIMENT_ID, make_result(1))])
         conn.execute("UPDATE narrative_results SET incident_id = '=1+2', "
                      "rationale = '@SUM(A1:A9)', indicators = '[\"-x\"]'")
         out_csv = export(conn, EXPERIMENT_ID, "csv", tmp_path / "r.csv")

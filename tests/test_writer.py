@@ -35,7 +35,14 @@ from asyncrunner.clock import LOCAL_FORMAT
 from asyncrunner.db.schema import connect
 from asyncrunner.pipeline.messages import Result
 from asyncrunner.pipeline.progress import Snapshot
-from asyncrunner.pipeline.writer import ResultWriter, WriterSettings
+from asyncrunner.pipeline.writer import (
+    PENDING_CAP,
+    ROWS_PER_INSERT,
+    ResultWriter,
+    WriterSettings,
+    _row,
+    insert_rows,
+)
 
 db = pytest.fixture(name="db")(database)
 Feed = Callable[[MemoryObjectSendStream[Result], anyio.CancelScope], Awaitable[None]]
@@ -474,3 +481,76 @@ async def test_a_row_from_before_the_totals_counts_its_own_tokens_on_retry(db: P
                                  completion_tokens_total=5)], retry_errors_only=True)
     [row] = stored_results(db)
     assert (row["prompt_tokens_total"], row["completion_tokens_total"]) == (22, 9)
+
+
+# --- several rows per statement; a bound on what the writer holds ---------------------------
+
+
+async def test_a_batch_across_statements_stores_every_row_once(db: Path) -> None:
+    """More rows than one INSERT statement takes (ROWS_PER_INSERT), some stored already
+    and one twice in the batch: each stored once, `changed` counts only the new ones, and
+    each row holds the values a one-row insert would have."""
+    n = 2 * ROWS_PER_INSERT + 7
+    await write_all(db, results(10))
+    log = CommitLog(db)
+    batch = [*results(n), make_result(3)]
+    with capture_logs() as logs:
+        await write_all(db, batch, log, batch_size=len(batch))
+    assert stored_incidents(db) == [incident(i) for i in range(n)]
+    [commit] = [e for e in logs if e["event"] == "commit"]
+    assert (commit["rows"], commit["changed"]) == (len(batch), n - 10)
+    rows = {r["incident_id"]: dict(r) for r in stored_results(db)}
+    one = tmp_db_with_one_row(db.parent / "one.db", make_result(n - 1))
+    assert {k: v for k, v in rows[incident(n - 1)].items() if k != "result_id"} == one
+
+
+def tmp_db_with_one_row(path: Path, result: Result) -> dict[str, Any]:
+    """The row a single-row insert stores for `result`, by the statement insert_rows uses."""
+    with closing(connect(path)) as conn:
+        add_experiment(conn, EXPERIMENT_ID)
+        with conn:
+            assert insert_rows(conn, [_row(EXPERIMENT_ID, result)]) == 1
+        conn.row_factory = sqlite3.Row
+        row = dict(conn.execute("SELECT * FROM narrative_results").fetchone())
+    del row["result_id"]
+    return row
+
+
+async def test_while_a_commit_waits_the_writer_holds_a_bounded_number_of_results(
+        db: Path) -> None:
+    """Another connection holds the write lock, so the first commit waits: the writer
+    takes no more than its bound (PENDING_CAP, beside the batch of the waiting commit) off
+    the stream, the stream fills, and the sender is held back; once the lock goes every
+    result is stored."""
+    settings = writer_settings(batch_size=10, total=5000, session_target=5000)
+    writer = ResultWriter(db, settings)
+    send, recv = anyio.create_memory_object_stream[Result](50)
+    blocker = sqlite3.connect(db, timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    sent = blocked_at = 0
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run, recv)
+                async with send:
+                    for r in results(5000):
+                        try:
+                            send.send_nowait(r)
+                        except anyio.WouldBlock:
+                            await anyio.sleep(0.2)     # the writer had its chance to drain
+                            try:
+                                send.send_nowait(r)
+                            except anyio.WouldBlock:
+                                break                  # held back: the bound works
+                        sent += 1
+                        await anyio.lowlevel.checkpoint()
+                    # held: at most the pending results, the batch in the waiting commit
+                    # (no more than they were) and the stream's buffer
+                    blocked_at = sent
+                    blocker.rollback()
+                    for r in results(5000)[sent:]:
+                        await send.send(r)
+    finally:
+        blocker.close()
+    assert blocked_at <= 2 * PENDING_CAP + 50
+    assert len(stored_incidents(db)) == 5000

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -41,21 +42,37 @@ FINAL_FLUSH_TIMEOUT_S = 60.0
 
 _T = TypeVar("_T")
 
-INSERT_SQL = """
-INSERT OR IGNORE INTO narrative_results (
-    experiment_id, incident_id, narrative_type, detected, confidence, indicators, rationale,
-    raw_response, response_sec, prompt_tokens, completion_tokens, error_occurred,
-    error_message, error_category, attempt_count, first_error_message, last_attempt_at,
-    processed_at, manual_flag_ind, manual_flag, finish_reason, answer_source,
-    prompt_tokens_total, completion_tokens_total, endpoint
-) VALUES (
-    :experiment_id, :incident_id, :narrative_type, :detected, :confidence, :indicators,
-    :rationale, :raw_response, :response_sec, :prompt_tokens, :completion_tokens,
-    :error_occurred, :error_message, :error_category, :attempt_count, :error_message,
-    :processed_at, :processed_at, :manual_flag_ind, :manual_flag, :finish_reason,
-    :answer_source, :prompt_tokens_total, :completion_tokens_total, :endpoint
+# Column of narrative_results -> key of `_row` holding its value (a new row's
+# first_error_message is its error_message, its last attempt is when it was processed).
+INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("experiment_id", "experiment_id"), ("incident_id", "incident_id"),
+    ("narrative_type", "narrative_type"), ("detected", "detected"),
+    ("confidence", "confidence"), ("indicators", "indicators"), ("rationale", "rationale"),
+    ("raw_response", "raw_response"), ("response_sec", "response_sec"),
+    ("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens"),
+    ("error_occurred", "error_occurred"), ("error_message", "error_message"),
+    ("error_category", "error_category"), ("attempt_count", "attempt_count"),
+    ("first_error_message", "error_message"), ("last_attempt_at", "processed_at"),
+    ("processed_at", "processed_at"), ("manual_flag_ind", "manual_flag_ind"),
+    ("manual_flag", "manual_flag"), ("finish_reason", "finish_reason"),
+    ("answer_source", "answer_source"), ("prompt_tokens_total", "prompt_tokens_total"),
+    ("completion_tokens_total", "completion_tokens_total"), ("endpoint", "endpoint"),
 )
-"""
+_INSERT_HEAD = ("INSERT OR IGNORE INTO narrative_results ("
+                + ", ".join(column for column, _ in INSERT_COLUMNS) + ") VALUES ")
+_ONE_ROW = "(" + ", ".join("?" * len(INSERT_COLUMNS)) + ")"
+_values = itemgetter(*(key for _, key in INSERT_COLUMNS))
+# Rows per INSERT statement. sqlite3 hands the GIL back to the event loop after every step
+# of a statement and must win it back before the next; while the loop is busy each of
+# those waits can last the interpreter's switch interval (5 ms), so a row per step made a
+# 100-row commit take up to half a second and let results pile up behind it. A few dozen
+# rows per statement make it a few steps; at most this many distinct statements are
+# prepared (one per row count), all within sqlite3's statement cache.
+ROWS_PER_INSERT = 50
+
+
+def _insert_sql(n_rows: int) -> str:
+    return _INSERT_HEAD + ", ".join([_ONE_ROW] * n_rows)
 
 # SET expressions read the row's old values, so first_error_message keeps the first failure
 # and `error_occurred = 1` in WHERE makes a replayed success a no-op.
@@ -101,6 +118,9 @@ class WriterSettings:
     endpoint_stats: Callable[[], str] | None = field(default=None, compare=False, repr=False)
 
 
+# Results the writer holds at most while a commit is under way (or 4 batches, if more).
+PENDING_CAP = 1_000
+
 # The truncation warning: once, after this many answers, when more than this share was cut
 # off at max_tokens.
 TRUNCATION_SAMPLE = 100
@@ -139,6 +159,8 @@ class ResultWriter:
         self._waiting = waiting
         self._pending: list[Result] = []
         self._wake = anyio.Event()
+        self._room = anyio.Event()          # set when a flush takes the pending results
+        self._max_pending = max(PENDING_CAP, 4 * settings.batch_size)
         self._closed = False
         self._rate = RateWindow()
         self._session_done = 0
@@ -160,6 +182,12 @@ class ResultWriter:
         try:
             async with results:
                 while True:
+                    if len(self._pending) >= self._max_pending:
+                        # The disk is behind: results stay in the stream, whose bound then
+                        # holds the workers back, instead of piling up here without one.
+                        self._room = anyio.Event()
+                        await self._room.wait()
+                        continue
                     # What is already in the stream is taken at once; only an empty stream
                     # is waited on (a trip round the event loop per result costs more than
                     # the rest of collecting it).
@@ -202,13 +230,13 @@ class ResultWriter:
 
     async def _flush(self, db: aiosqlite.Connection) -> None:
         batch, self._pending = self._pending, []
+        self._room.set()
         # Once a batch is taken off the queue it must reach the disk or be rolled back whole;
         # a cancellation in the middle would lose it, so the commit is shielded (bounded).
         with anyio.CancelScope(shield=True), anyio.fail_after(FINAL_FLUSH_TIMEOUT_S):
             await self._commit(db, batch)
 
     async def _commit(self, db: aiosqlite.Connection, batch: list[Result]) -> None:
-        sql = RETRY_UPDATE_SQL if self.s.retry_errors_only else INSERT_SQL
         rows = [_row(self.s.experiment_id, r) for r in batch]
         session_done = self._session_done + len(batch)
         rate = self._rate.add(session_done)
@@ -222,7 +250,7 @@ class ResultWriter:
         stats = self.s.endpoint_stats
         endpoints = stats() if stats is not None and self.s.session_id else None
         done, changed = await _on_connection_thread(
-            db, self._transaction, sql, rows, progress, self._done, endpoints)
+            db, self._transaction, rows, progress, self._done, endpoints)
         self._done = done
         self._session_done = session_done
         for r in batch:
@@ -263,7 +291,7 @@ class ResultWriter:
         self._on_commit(replace(base, **({"waiting_until": None, "waiting_for": None}
                                          | self._waiting_fields())))
 
-    def _transaction(self, conn: sqlite3.Connection, sql: str, rows: list[dict[str, object]],
+    def _transaction(self, conn: sqlite3.Connection, rows: list[dict[str, object]],
                      progress: dict[str, object], done_before: int | None,
                      endpoints: str | None = None) -> tuple[int, int]:
         """On the connection's thread: write the batch, the progress row and the session's
@@ -276,7 +304,8 @@ class ResultWriter:
         -only updates rows in place: the count stays). Counting at every commit would cost a
         scan that grows with the table."""
         with transaction(conn):
-            changed = conn.executemany(sql, rows).rowcount
+            changed = (conn.executemany(RETRY_UPDATE_SQL, rows).rowcount
+                       if self.s.retry_errors_only else insert_rows(conn, rows))
             if done_before is None:
                 done = int(conn.execute(
                     "SELECT COUNT(*) FROM narrative_results WHERE experiment_id = ?",
@@ -287,6 +316,19 @@ class ResultWriter:
             if endpoints is not None:
                 conn.execute(ENDPOINTS_SQL, (endpoints, self.s.session_id))
         return done, changed
+
+
+def insert_rows(conn: sqlite3.Connection, rows: list[dict[str, object]]) -> int:
+    """INSERT OR IGNORE every row, ROWS_PER_INSERT to a statement; the rows inserted (a
+    row already stored is ignored, as it would be alone)."""
+    per = min(ROWS_PER_INSERT, max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                                   // len(INSERT_COLUMNS)))
+    changed = 0
+    for start in range(0, len(rows), per):
+        chunk = rows[start:start + per]
+        values = [value for row in chunk for value in _values(row)]
+        changed += conn.execute(_insert_sql(len(chunk)), values).rowcount
+    return changed
 
 
 async def _on_connection_thread(db: aiosqlite.Connection,
