@@ -176,3 +176,23 @@ async def test_a_consumer_that_stops_early_does_not_leave_the_producer_hanging(d
     with pytest.RaisesGroup(anyio.BrokenResourceError):   # produce() raises, it does not hang
         await run_producer(db, selection(), take_two)
     assert aiosqlite_threads() == []
+
+
+async def test_text_ids_and_labels_arrive_exactly_as_stored(tmp_path: Path) -> None:
+    """A page travels as one JSON value (one sqlite3 step, see producer.py): quotes,
+    backslashes, line and paragraph separators, control characters, NUL, non-BMP text, an
+    empty text, ids that look like numbers and unknown labels all come out as stored."""
+    texts = ['quote " and back\\slash', "line\nbreak\r\nand\ttab \u2028 \u2029",
+             "nul\x00inside \x01\x1f", "é ü ß 漢字 🙂", "", "   spaced   "]
+    with open_database(tmp_path) as path, closing(connect(path)) as conn:
+        conn.executemany(
+            "INSERT INTO source_narratives (incident_id, narrative_type, narrative_text, "
+            "manual_flag_ind, manual_flag, data_source, data_checksum) "
+            "VALUES (?, ?, ?, ?, ?, 'test.csv', ?)",
+            [(f"00{i}", "LE", text, None if i % 2 else 1, None, CHECKSUM)
+             for i, text in enumerate(texts)])
+        conn.commit()
+        got = await run_producer(path, selection(), page_size=4)
+    assert [(n.incident_id, n.narrative_type, n.text, n.manual_flag_ind, n.manual_flag)
+            for n in got] == [(f"00{i}", "LE", text, None if i % 2 else 1, None)
+                              for i, text in enumerate(texts)]

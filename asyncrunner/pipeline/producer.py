@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ MISSING_SQL = _SELECT.format(match=f"NOT EXISTS ({_RESULT})")
 ERRORED_SQL = _SELECT.format(match=(
     f"EXISTS ({_RESULT} AND r.error_occurred = 1 AND (:categories IS NULL OR "
     "COALESCE(r.error_category, 'unknown') IN (SELECT value FROM json_each(:categories))))"))
+# A page as one row holding a JSON array of its rows. sqlite3 hands the GIL back to the
+# event loop after every row it steps to and must win it back before the next; while the
+# loop is busy each of those waits can last the interpreter's switch interval (5 ms), so a
+# page read row by row could take a second and starve the workers. One row, one wait.
+_PAGE = ("SELECT json_group_array(json_array(narrative_id, incident_id, narrative_type, "
+         "narrative_text, manual_flag_ind, manual_flag)) FROM ({select})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,7 @@ async def produce(db_path: str | Path, selection: WorkSelection,
     results stored meanwhile still thin out the pages after it. The hand-out itself stays
     unbuffered: a narrative leaves only when a worker takes it.
     """
-    sql = ERRORED_SQL if selection.retry_errors_only else MISSING_SQL
+    sql = _PAGE.format(select=ERRORED_SQL if selection.retry_errors_only else MISSING_SQL)
     base: dict[str, object] = {
         "checksum": selection.checksum, "cutoff": selection.cutoff,
         "experiment_id": selection.experiment_id, "limit": page_size,
@@ -88,7 +95,9 @@ async def produce(db_path: str | Path, selection: WorkSelection,
             # One call on the connection's thread (execute + fetchall): the statement runs
             # to its end there, so no read transaction stays open between pages.
             try:
-                page.rows = list(await db.execute_fetchall(sql, {**base, "after": after}))
+                [(encoded,)] = await db.execute_fetchall(sql, {**base, "after": after})
+                # in narrative_id order, whatever order the aggregate kept
+                page.rows = sorted(json.loads(encoded), key=itemgetter(0))
             except Exception as exc:  # noqa: BLE001 - handed to produce(), raised there
                 page.error = exc
             finally:
