@@ -44,7 +44,7 @@ import sqlite3
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, AsyncExitStack, closing, contextmanager, nullcontext
+from contextlib import AsyncExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -137,8 +137,7 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
         first_backup = _backup_before_new_run(conn, d)
         plan = complete(conn, d)
         _warn_unknown_env(req.env, plan.config)
-        _open_record(conn, plan, lock, out, session_id,
-                     pending.result() if pending is not None else first_backup)
+        _open_record(conn, plan, lock, out, session_id, first_backup, pending)
         return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport,
                           reserve)
 
@@ -160,12 +159,32 @@ def _backup_before_new_run(conn: sqlite3.Connection, d: Draft) -> Path | None:
     return backup.backup_before_new_writes(conn, d.request.db_path)
 
 
-def _resume_backup(d: Draft) -> AbstractContextManager[backup.BackgroundBackup | None]:
+@contextmanager
+def _resume_backup(d: Draft) -> Iterator[backup.BackgroundBackup | None]:
     """A resume backs the database up before it changes anything: the copy starts now
-    (the lock is held) and is waited for before the first write (`_open_record`)."""
+    (the lock is held), its snapshot is waited for before the first write (`_open_record`),
+    the rest of the copy runs beside the session and is waited for at its end."""
     if d.intent is Intent.NEW:
-        return nullcontext()
-    return backup.BackgroundBackup(d.request.db_path)
+        yield None
+        return
+    with backup.BackgroundBackup(d.request.db_path) as pending:
+        try:
+            yield pending
+        finally:
+            _report_backup(pending)
+
+
+def _report_backup(pending: backup.BackgroundBackup) -> None:
+    """Say where the backup went, or (once the session has written) that it failed: the
+    database itself is whole, only the copy of how it was is missing."""
+    try:
+        made = pending.result()
+    except Exception as exc:  # noqa: BLE001 - reported; the session's own outcome stands
+        if pending.snapshot_taken:
+            log.error("backup", message=f"the backup taken at the start of this session "
+                                        f"failed: {_describe(exc)}")
+        return
+    log.info("backup", message=f"backup written: {made}")
 
 
 def _progress_for(plan: RunPlan, on_commit: Callable[[Snapshot], None] | None
@@ -207,13 +226,17 @@ def _run_log() -> Iterator[None]:
 
 
 def _open_record(conn: sqlite3.Connection, plan: RunPlan, lock: ExperimentLock,
-                 out: IO[str], session_id: str, backup_path: Path | None) -> None:
-    """Check the disk (the backup taken before this, `backup_path`, is already on it),
-    then create or reopen the experiment's record and the session row (one transaction)
-    and say so: the first line on stdout is the experiment id."""
+                 out: IO[str], session_id: str, backup_path: Path | None,
+                 pending: backup.BackgroundBackup | None) -> None:
+    """Check the disk (for a resume's backup, which may still be under way, too), wait for
+    that backup's snapshot, then create or reopen the experiment's record and the session
+    row (one transaction) and say so: the first line on stdout is the experiment id.
+    `backup_path`: a new run's backup, already written."""
     cfg, experiment_id = plan.config, plan.experiment_id
-    backup.check_disk(plan.db_path, plan.target, with_backup=False,
+    backup.check_disk(plan.db_path, plan.target, with_backup=pending is not None,
                       output_dir=Path(cfg.run.output_dir), export_rows=plan.total)
+    if pending is not None:
+        pending.snapshot()
     record_session(conn, plan, session_id, plan.intent)
     print(f"experiment_id: {experiment_id}", file=out, flush=True)
     logs.open_run_log(cfg.run.log_dir, experiment_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,32 @@ def test_a_background_backup_needs_room_before_it_starts(
             backup.BackgroundBackup(db):
         pass
     assert backup.list_backups(db) == []
+
+
+def test_the_backup_is_the_database_as_of_its_snapshot(tmp_path: Path) -> None:
+    """Writes committed once the snapshot is taken (here: by the callback itself, so at
+    the worst moment) are in the database and not in the backup, which is whole."""
+    db = tmp_path / "exp.db"
+    insert = ("INSERT INTO narrative_results (experiment_id, incident_id, narrative_type, "
+              "error_occurred) VALUES ('e', ?, 'LE', 0)")
+    with closing(connect(db)) as conn, conn:
+        conn.executemany(insert, [(str(i),) for i in range(10)])
+
+    def write_now() -> None:
+        with closing(sqlite3.connect(db)) as other, other:
+            other.executemany(insert, [(str(i),) for i in range(10, 15)])
+
+    made = backup.make_backup(db, on_snapshot=write_now)
+    with closing(sqlite3.connect(made)) as copy, closing(sqlite3.connect(db)) as now:
+        assert copy.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 10
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert now.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0] == 15
+
+
+def test_a_background_backup_that_fails_before_its_snapshot_says_so_there(
+        tmp_path: Path) -> None:
+    db = tmp_path / "exp.db"
+    db.write_text("not a database\n" * 100)
+    with backup.BackgroundBackup(db) as pending, pytest.raises(sqlite3.DatabaseError):
+        pending.snapshot()
+    assert not pending.snapshot_taken

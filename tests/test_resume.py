@@ -344,6 +344,27 @@ def test_resume_takes_backups_and_keeps_three(tmp_path: Path, slow_server: MockS
     conn.close()
 
 
+def test_a_resume_backup_holds_the_database_as_it_was_before_the_resume(
+        tmp_path: Path, mock_server: MockServer) -> None:
+    """The copy runs beside the resume (its snapshot is taken before the resume writes):
+    the backup has the interrupted experiment and its sessions, not the resume's."""
+    _data, _cfg, db, eid = interrupted_run(tmp_path, mock_server, n=60)
+    with sqlite3.connect(db) as conn:
+        before = (conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
+                  conn.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0])
+    conn.close()
+    proc = run_cli(*resume_args(db, eid))
+    assert proc.returncode == 0, proc.stderr
+    [made] = sorted(tmp_path.glob("exp.db.resume_backup_*"))
+    with sqlite3.connect(made) as copy:
+        assert copy.execute("SELECT status FROM experiments").fetchone()[0] == "interrupted"
+        assert (copy.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
+                copy.execute("SELECT COUNT(*) FROM narrative_results").fetchone()[0]) == before
+    copy.close()
+    assert f"backup written: {made}" in proc.stderr + (tmp_path / "logs" / eid / "run.jsonl"
+                                                       ).read_text()
+
+
 def test_resume_latest_and_cancel(tmp_path: Path, slow_server: MockServer) -> None:
     _data, _cfg, db, eid = interrupted_run(tmp_path, slow_server)
     cancel = run_cli("cancel", eid, "--db", str(db))

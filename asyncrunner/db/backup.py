@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
@@ -62,11 +63,16 @@ def backup_before_new_writes(conn: sqlite3.Connection, db_path: Path) -> Path | 
     return make_backup(db_path, label=RUN_BACKUP)
 
 
-def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) -> Path:
+def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP,
+                on_snapshot: Callable[[], None] | None = None) -> Path:
     """`<db>.<label>_<time>`: before a resume writes (resume_backup), before a new run
     writes into a database holding experiments (pre_run_backup), before a migration
     (pre_migration_backup); the newest `keep` of each label are kept, so a series of new
-    runs never rotates a resume's backups away."""
+    runs never rotates a resume's backups away.
+
+    The copy is the database as of one read snapshot, taken first: `on_snapshot()` is
+    called once it is, and from then on other connections may write (WAL mode: they do not
+    disturb a reader, and the whole copy is one backup step inside that read)."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     target = db_path.with_name(f"{db_path.name}.{label}_{stamp}")
     n = 1
@@ -75,9 +81,14 @@ def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) 
         n += 1
     partial = target.with_name(target.name + ".partial")
     try:
-        with closing(sqlite3.connect(str(db_path))) as src, \
+        with closing(sqlite3.connect(str(db_path), isolation_level=None)) as src, \
                 closing(sqlite3.connect(str(partial))) as dst:
+            src.execute("BEGIN")
+            src.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # the snapshot
+            if on_snapshot is not None:
+                on_snapshot()
             src.backup(dst)
+            src.execute("COMMIT")
     except BaseException:
         # A half-written copy (disk full, interrupted) is no backup, and prune() never
         # sees `.partial` files: remove it here or it stays forever.
@@ -89,23 +100,41 @@ def make_backup(db_path: Path, *, keep: int = KEEP, label: str = RESUME_BACKUP) 
 
 
 class BackgroundBackup:
-    """`make_backup` on a thread of its own, started once the disk has room for it: what a
-    resume does before its first write (hash the data file, plan) runs beside the copy
-    instead of after it; SQLite's backup and hashlib both run without the GIL. `result()`
-    waits for the copy and raises what it raised; leaving the block waits for it too, so
-    no copy is ever left half-written behind the process."""
+    """`make_backup` on a thread of its own, started once the disk has room for it. What a
+    resume does first (hash the data file, plan, send its first requests) runs beside the
+    copy instead of after it; SQLite's backup and hashlib both run without the GIL.
+
+    `snapshot()` waits only until the copy's read snapshot is taken: the database may
+    change from then on and the backup still shows it as it was, which is what a resume
+    must have before it writes. `result()` waits for the whole copy and raises what stopped
+    it; leaving the block waits for it too, so no copy is left half-written behind the
+    process."""
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self._made: Path | None = None
         self._error: BaseException | None = None
+        self._taken = threading.Event()   # the snapshot is taken, or the copy ended
+        self.snapshot_taken = False
         self._thread = threading.Thread(target=self._copy, name="resume-backup", daemon=True)
 
     def _copy(self) -> None:
         try:
-            self._made = make_backup(self.db_path)
-        except BaseException as exc:  # noqa: BLE001 - result() raises it in the caller
+            self._made = make_backup(self.db_path, on_snapshot=self._on_snapshot)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
             self._error = exc
+        finally:
+            self._taken.set()
+
+    def _on_snapshot(self) -> None:
+        self.snapshot_taken = True
+        self._taken.set()
+
+    def snapshot(self) -> None:
+        """Return once the backup's snapshot is taken; raise what stopped it before."""
+        self._taken.wait()
+        if not self.snapshot_taken:
+            self.result()        # raises the copy's error
 
     def __enter__(self) -> BackgroundBackup:
         check_disk(self.db_path, 0, with_backup=True)
