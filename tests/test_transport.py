@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import httpx
 import pytest
+from conftest import ServerThread, cli_env, run_cli, write_config, write_fixture_csv
 
 from asyncrunner.llm.client import (
     ClientSettings,
@@ -230,3 +232,20 @@ def test_the_body_is_read_as_httpx_reads_it(content_type: str | None, body: byte
     headers = [("content-type", content_type)] if content_type else []
     response = httpx.Response(200, headers=headers, content=body)
     assert _body_text(response) == response.text
+
+
+def test_a_5000_narrative_run_reuses_its_connections(tmp_path: Path) -> None:
+    """A whole `asyncrunner run` (its own process, real HTTP) of 5,000 narratives at C
+    workers: the simulator accepts at most C + 10 % TCP connections (counted, not timed)."""
+    rows = [(f"{i:05d}", f"Her boyfriend was arrested. Case {i}.", f"Examiner note {i}.",
+             "1", "0", "1") for i in range(2500)]
+    data = write_fixture_csv(tmp_path / "cases.csv", rows)
+    workers = 64
+    with ServerThread() as server:
+        cfg = write_config(tmp_path, data, server.base_url, workers=workers, batch_size=100)
+        proc = run_cli("run", str(cfg), "--db", str(tmp_path / "exp.db"),
+                       env=cli_env(ASYNCRUNNER_TEST_KEY="k"), timeout=300)
+        stats = server.stats()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert stats.completion_requests >= 5000
+    assert stats.connections_opened <= workers * 1.1
