@@ -416,6 +416,7 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
               None if data.flags.get(ntype) is None else columns[data.flags[ntype]])
              for ntype, column in data.narratives.items()]
     width = max(columns.values()) + 1
+    quick = _QUICK_LABELS.get
     kept: dict[tuple[str, str], _Kept] = {}
     for number, raw in rows:
         # Rows may be shorter than the header (CSV, or sheets whose trailing cells are
@@ -436,9 +437,12 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
                      else _label(values[case_at], number, data.case_flag or "", path,
                                  strict=strict))
         for ntype, text_at, flag_column, flag_at in slots:
-            flag_ind = (None if flag_column is None or flag_at is None
-                        else _label(values[flag_at], number, flag_column, path,
-                                    strict=strict))
+            if flag_column is None or flag_at is None:
+                flag_ind = None
+            elif type(v := values[flag_at]) is str and (q := quick(v)) is not None:
+                flag_ind = q[0]        # the common spellings, without a call per cell
+            else:
+                flag_ind = _label(v, number, flag_column, path, strict=strict)
             text = cells[text_at]
             blank = text is None or is_placeholder(text, placeholders)
             if incident_id is None:
