@@ -254,7 +254,9 @@ def http_timeouts(timeout_s: float) -> dict[str, float | None]:
 
 
 class HttpSender(Protocol):
-    """What LLMClient needs from the HTTP side; `httpx.AsyncClient` qualifies too."""
+    """What LLMClient needs from the HTTP side. `HttpSession` (make_http_client) is what
+    runs use; `httpx.AsyncClient` qualifies too (tests), but bounds each phase of an
+    exchange only, not the whole of it (the "total" timeout is HttpSession's)."""
 
     async def send(self, request: httpx.Request) -> httpx.Response: ...
 
