@@ -276,11 +276,9 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
     counts = _Counts()
     read = hashlib.md5(usedforsecurity=False)   # of the bytes parsed, where they stream
     with closing(_read_rows(path, data.sheet, read)) as rows:
-        records = _narrative_records(rows, data, path, counts)
-        _insert_in_chunks(conn, _INSERT_SQL, (
-            (incident_id, ntype, text, flag_ind, flag, str(path), checksum, loaded_at)
-            for incident_id, ntype, text, flag_ind, flag in records
-        ))
+        # Each record carries the load's columns too: no second generator per narrative.
+        _insert_in_chunks(conn, _INSERT_SQL, _narrative_records(
+            rows, data, path, counts, stamp=(str(path), checksum, loaded_at)))
     # The file was hashed before it was read; a writer replacing it in between would leave
     # rows under a checksum they do not belong to. A CSV is hashed as it is parsed (one
     # pass less over a large file); a workbook is read at random, so hashed again.
@@ -398,10 +396,10 @@ def _utc_seconds() -> str:
 # Wide -> long
 
 
-def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
-                       counts: _Counts) -> Iterator[tuple[str, str, str, int | None, int | None]]:
-    """(incident_id, narrative_type, text, manual_flag_ind, manual_flag) per kept narrative;
-    every slot not kept is counted and recorded in `counts.drops`."""
+def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path, counts: _Counts,
+                       stamp: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """(incident_id, narrative_type, text, manual_flag_ind, manual_flag, *stamp) per kept
+    narrative; every slot not kept is counted and recorded in `counts.drops`."""
     header_number, header = _first_nonempty(rows, path)
     columns = _column_index(header, header_number, data, path)
     mapped = sorted(_configured_columns(data))  # the digest must not follow mapping order
@@ -469,7 +467,7 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path,
                 continue
             kept[key] = _Kept(number, flag_ind, case_flag, hash(text))
             counts.n_narratives += 1
-            yield incident_id, ntype, text, flag_ind, case_flag
+            yield (incident_id, ntype, text, flag_ind, case_flag, *stamp)
 
 
 _NULL = "null"
