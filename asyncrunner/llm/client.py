@@ -287,8 +287,8 @@ class HttpSession:
         if timeouts is None:
             timeouts = self.timeouts
             request.extensions = {**request.extensions, "timeout": timeouts}
-        total = timeouts.get("total")
-        if self._bounded or total is None:
+        total = None if self._bounded else timeouts.get("total")
+        if total is None:
             response = await self._exchange(request)
         else:
             with anyio.fail_after(total):     # the body read included

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -71,6 +72,7 @@ _values = itemgetter(*(key for _, key in INSERT_COLUMNS))
 ROWS_PER_INSERT = 50
 
 
+@lru_cache(maxsize=ROWS_PER_INSERT)
 def _insert_sql(n_rows: int) -> str:
     return _INSERT_HEAD + ", ".join([_ONE_ROW] * n_rows)
 
