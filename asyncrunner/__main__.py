@@ -1,3 +1,3 @@
-from asyncrunner.cli import main
+from asyncrunner.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -7,6 +7,7 @@ Exit codes (the contract): 0 finished · 2 bad usage, config or input · 3 refus
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -580,6 +581,22 @@ def private_files(env: Mapping[str, str]) -> bool:
     if value not in ("", "private", "umask"):
         raise UsageError(f"{FILE_MODE_VARIABLE}={value!r}: use private (the default) or umask")
     return value != "umask"
+
+
+def entry() -> NoReturn:
+    """The `asyncrunner` command: main(), then leave without the interpreter's slow tail."""
+    code = main()
+    _before_exit()
+    sys.exit(code)
+
+
+def _before_exit() -> None:
+    """At exit the interpreter runs full garbage collections while it tears the modules
+    down; after a run they cost about 0.2 s of a 3 s command (measured with perf). One
+    collection now, with finalizers, then everything left is frozen out of their sight.
+    Only for the command's own process: in-process callers keep a normal collector."""
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from asyncrunner.config import (
     load_config,
     resolve_data_path,
 )
-from asyncrunner.db import sample, store
+from asyncrunner.db import checksums, sample, store
 from asyncrunner.db.experiments import (
     AUTHORITATIVE,
     CHANGE_ADOPTED,
@@ -176,6 +176,7 @@ class RunPlan:
     legacy: LegacySet | None = None
     retry_categories: tuple[str, ...] | None = None
     sample_keys: tuple[tuple[str, str], ...] | None = None   # a new sampled experiment's
+    data_file: checksums.Checked | None = None   # its checksum, recorded with the session
 
     @property
     def db_path(self) -> Path:
@@ -223,7 +224,8 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     assert d.config is not None
     cfg = d.config
     path = resolve_data_path(cfg)
-    checksum = readable_checksum(path)
+    checked = checksums.checksum(conn, path)
+    checksum = checked.checksum
     prior = tuple(prior_versions(conn, path, checksum))
     if prior and stored_ingest(conn, checksum) is None:
         # Said before the new version is read and loaded beside the old rows.
@@ -244,7 +246,7 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         selection=WorkSelection(d.experiment_id, report.data_checksum, cutoff,
                                 sampled=keys is not None),
         total=total, target=total, ingest=report, prior_loads=prior,
-        warnings=tuple(warnings), sample_keys=keys)
+        warnings=tuple(warnings), sample_keys=keys, data_file=checked)
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:
@@ -310,8 +312,10 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     endpoints_from(s.config, req.env)
     warnings = list(s.warnings)
     legacy: LegacySet | None = None
+    checked: checksums.Checked | None = None
     if record.data_checksum:
-        warnings += _check_data_unchanged(conn, record, s.config)
+        checked, more = _check_data_unchanged(conn, record, s.config)
+        warnings += more
         checksum, max_narratives = record.data_checksum, record.max_narratives
     else:
         legacy, more = _legacy_set(conn, record)
@@ -345,7 +349,8 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         total=total, target=target, done=done, drift=tuple(s.drift),
         warnings=tuple(warnings), previous_status=_status_or_none(record.status),
         settings_diff=s.diff, allowed_drift=s.allowed, config_changes=tuple(s.changes),
-        stored_config=stored_config, legacy=legacy, retry_categories=categories)
+        stored_config=stored_config, legacy=legacy, retry_categories=categories,
+        data_file=checked)
 
 
 def _status_or_none(value: str | None) -> Status | None:
@@ -477,15 +482,17 @@ def _with_keys(stored: dict[str, Any], given: dict[str, Any],
 
 
 def _check_data_unchanged(conn: sqlite3.Connection, record: store.ExperimentRecord,
-                          cfg: Config) -> list[str]:
+                          cfg: Config) -> tuple[checksums.Checked, list[str]]:
     """The experiment's data file must hold what was loaded: the same bytes, or (a re-save)
-    the same cells the experiment reads. Returns the warnings of the second case."""
+    the same cells the experiment reads. Returns its checksum and the warnings of the
+    second case."""
     path = Path(record.data_file or "")
     if not path.is_file():
         raise refusals.data_missing(record.experiment_id, record.data_file)
-    now = readable_checksum(path)
+    checked = checksums.checksum(conn, path)
+    now = checked.checksum
     if now == record.data_checksum:
-        return []
+        return checked, []
     assert record.data_checksum is not None
     loaded = stored_ingest(conn, record.data_checksum)
     if loaded is None or not loaded.content_digest:
@@ -505,9 +512,9 @@ def _check_data_unchanged(conn: sqlite3.Connection, record: store.ExperimentReco
                                     detail="cells the experiment reads differ")
     what = ("no cell changed" if digests.rows_digest == loaded.rows_digest
             else "only columns the experiment does not read changed")
-    return [f"data file {record.data_file} was re-saved since it was loaded on "
-            f"{loaded.loaded_at} (checksum {record.data_checksum} -> {now}) but {what}; "
-            "resuming on the stored narratives"]
+    return checked, [f"data file {record.data_file} was re-saved since it was loaded on "
+                     f"{loaded.loaded_at} (checksum {record.data_checksum} -> {now}) but "
+                     f"{what}; resuming on the stored narratives"]
 
 
 # The narratives the R version loaded without a checksum from one data_source (`s.` is the

@@ -56,7 +56,7 @@ import structlog
 
 from asyncrunner import logs
 from asyncrunner.config import Config, unknown_env_variables
-from asyncrunner.db import backup, drops, experiments, sample, sessions, store
+from asyncrunner.db import backup, checksums, drops, experiments, sample, sessions, store
 from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect, transaction
@@ -82,6 +82,7 @@ from asyncrunner.llm.client import (
 from asyncrunner.llm.probe import ProbeError, ProbeResult, probe
 from asyncrunner.llm.router import EndpointPool, EndpointSettings
 from asyncrunner.llm.setup import client_settings, endpoints_from
+from asyncrunner.pipeline.producer import FirstPage
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
@@ -283,6 +284,7 @@ def record_session(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                 sample.store(conn, plan.experiment_id, list(plan.sample_keys))
         else:
             _record_resume(conn, plan, session_id)
+        checksums.remember(conn, plan.data_file)
         settings = _session_settings(cfg)
         sessions.open_session(
             conn, session_id=session_id, experiment_id=plan.experiment_id, intent=intent,
@@ -496,11 +498,12 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                           transport: httpx.AsyncBaseTransport | None,
                           setting: str, on_probe: Callable[[ProbeResult], None],
                           on_pool: Callable[[EndpointPool], None] | None = None,
-                          ) -> PipelineOutcome:
+                          first_page: FirstPage | None = None) -> PipelineOutcome:
     """Bring up the HTTP side (and the simulator for `provider: mock`), probe the response
     format on it, run the pipeline. Requests go through one endpoint pool (router.py):
     model.endpoints, or the one api_url; the probe too (to the first healthy endpoint).
-    `on_pool` is handed the pool, for its final figures."""
+    `on_pool` is handed the pool, for its final figures; `first_page`: the producer's
+    first page, read meanwhile."""
     batch = plan.config.model.provider == "openai-batch"
     async with AsyncExitStack() as stack:
         if plan.config.model.provider == "mock" and transport is None:
@@ -540,7 +543,7 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
             on_probe(found)
         mode = None if found.mode == "none" else found.mode
         spec = replace(spec, client=replace(spec.client, response_format=mode))
-        return await run_pipeline(spec, http, on_commit=on_commit)
+        return await run_pipeline(spec, http, on_commit=on_commit, first_page=first_page)
 
 
 def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
@@ -578,12 +581,19 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
                reserve: SpaceReserve | None = None) -> RunSummary:
     experiment_id = plan.experiment_id
     pools: list[EndpointPool] = []
+    spec = pipeline_spec(plan, session_id)
+    # Read while the HTTP side comes up and the probe runs (batch mode reads no pages).
+    first_page = (FirstPage(spec.db_path, spec.selection)
+                  if plan.target > 0 and plan.config.model.provider != "openai-batch" else None)
     try:
         try:
-            outcome = anyio.run(_serve_pipeline, plan, pipeline_spec(plan, session_id),
-                                on_commit, transport, _probe_setting(conn, plan),
-                                lambda found: _record_probe(conn, plan, found), pools.append)
+            outcome = anyio.run(_serve_pipeline, plan, spec, on_commit, transport,
+                                _probe_setting(conn, plan),
+                                lambda found: _record_probe(conn, plan, found), pools.append,
+                                first_page)
         finally:
+            if first_page is not None:
+                first_page.wait()      # a session stopped before its pipeline
             _store_endpoints(conn, session_id, pools)
         # The event loop put the default SIGTERM action back when it closed.
         signal.signal(signal.SIGTERM, _raise_stopped)

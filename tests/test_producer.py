@@ -4,6 +4,7 @@ cleanly (no open connection, no read transaction) however the consumer ends."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline_helpers import (
 
 from asyncrunner.db.schema import connect
 from asyncrunner.pipeline.messages import Narrative
-from asyncrunner.pipeline.producer import WorkSelection, produce
+from asyncrunner.pipeline.producer import FirstPage, WorkSelection, produce
 
 Consume = Callable[[ObjectReceiveStream[Narrative]], Awaitable[list[Narrative]]]
 
@@ -41,7 +42,7 @@ async def drain(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
 
 
 async def run_producer(path: Path, work: WorkSelection, consume: Consume = drain, *,
-                       page_size: int = 3) -> list[Narrative]:
+                       page_size: int = 3, first: FirstPage | None = None) -> list[Narrative]:
     """produce() into an unbuffered stream (as in the pipeline), consumed by `consume`."""
     send, recv = anyio.create_memory_object_stream[Narrative]()
     received: list[Narrative] = []
@@ -52,7 +53,7 @@ async def run_producer(path: Path, work: WorkSelection, consume: Consume = drain
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(consumer)
-            await produce(path, work, send, page_size=page_size)
+            await produce(path, work, send, page_size=page_size, first=first)
     return received
 
 
@@ -196,3 +197,39 @@ async def test_text_ids_and_labels_arrive_exactly_as_stored(tmp_path: Path) -> N
     assert [(n.incident_id, n.narrative_type, n.text, n.manual_flag_ind, n.manual_flag)
             for n in got] == [(f"00{i}", "LE", text, None if i % 2 else 1, None)
                               for i, text in enumerate(texts)]
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 256])
+async def test_a_first_page_read_ahead_gives_the_same_narratives(db: Path,
+                                                                  page_size: int) -> None:
+    """The session starts reading the first page before the pipeline exists (a resume's
+    first page passes every narrative done): what it hands out is what produce() alone
+    would, in the same order, the retry selection included."""
+    add_result_rows(db, [0, 1, 4])
+    add_result_rows(db, [6, 8], error=True)
+    for work in (selection(), selection(retry=True), selection(cutoff=narrative_id(db, 7))):
+        expected = await run_producer(db, work, page_size=page_size)
+        ahead = FirstPage(db, work, page_size)
+        got = await run_producer(db, work, page_size=page_size, first=ahead)
+        assert got == expected and got
+    assert aiosqlite_threads() == []
+
+
+async def test_a_first_page_that_cannot_be_read_fails_the_producer(tmp_path: Path) -> None:
+    """A read error on the read-ahead thread is the producer's error, raised once the
+    producer takes the page, and the stream still closes (idle workers can leave)."""
+    empty = tmp_path / "not-a-results-db.sqlite"
+    with closing(connect(empty, migrate_schema=False)):
+        pass
+    ahead = FirstPage(empty, selection())
+    ahead.wait()
+    seen: list[list[Narrative]] = []
+
+    async def watch(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
+        seen.append(await drain(recv))
+        return seen[-1]
+
+    with pytest.raises(ExceptionGroup) as failed:
+        await run_producer(empty, selection(), watch, first=ahead)
+    assert failed.group_contains(sqlite3.OperationalError, match="no such table")
+    assert seen == [[]]

@@ -248,7 +248,7 @@ def test_r_era_source_with_null_ids_keeps_every_row(tmp_path: Path) -> None:
         conn.commit()
     with closing(connect(path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM source_narratives").fetchone()[0] == 4
-        assert "r_own_index" in indexes(conn) and "ix_source_checksum" in indexes(conn)
+        assert "r_own_index" in indexes(conn) and "ix_source_checksum_keys" in indexes(conn)
         conn.execute("INSERT INTO source_narratives (incident_id, narrative_type, "
                      "narrative_text, data_checksum) VALUES ('1', 'LE', 'a', 'new')")
         assert conn.execute("SELECT COUNT(*) FROM source_narratives WHERE incident_id = '1' "

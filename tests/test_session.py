@@ -22,7 +22,7 @@ from conftest import write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row, result_keys
 from test_runner import cases
 
-from asyncrunner.db import experiments
+from asyncrunner.db import checksums, experiments
 from asyncrunner.db.locks import lock_path
 from asyncrunner.db.schema import connect
 from asyncrunner.errors import InputError, RefusedError, RunFailed, Stopped, UsageError
@@ -186,6 +186,38 @@ def test_cancelled_needs_force_and_changed_data_is_refused(
     data.write_bytes(original)
     assert resume(db, experiment_id, FakeLLM(), force=True).status is Status.COMPLETED
     assert experiment_row(db, experiment_id)["status"] == "completed"
+
+
+def test_an_unchanged_data_file_is_not_read_again_and_an_edited_one_is(
+        setup: tuple[Path, Path], console: io.StringIO,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run records the data file's checksum with its identity (db/checksums.py); a
+    resume of the unchanged file takes it from there without reading the file, and an
+    edit that keeps the size (the times move, as every write moves them) is refused."""
+    db, cfg = setup
+    data = cfg.parent / "data.csv"
+    # The file was written a moment ago: count it as settled (the margin is for
+    # timestamp granularity, tested in test_checksums.py).
+    monkeypatch.setattr(checksums, "SETTLED_S", 0.0)
+    first = interrupted_run(db, cfg)
+    second = interrupted_run(db, cfg)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT path, data_checksum FROM data_file_checksums").fetchall()
+    conn.close()
+    assert rows == [(str(data.resolve()), experiment_row(db, first)["data_checksum"])]
+
+    def not_read(path: Path) -> str:
+        raise AssertionError(f"{path} was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(checksums, "readable_checksum", not_read)
+        assert resume(db, first, FakeLLM()).status is Status.COMPLETED
+    st = data.stat()
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b"0", b"1", 1))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(RefusedError, match="checksum mismatch"):
+        resume(db, second, FakeLLM())
 
 
 def test_resume_uses_stored_settings_and_warns_about_drift(

@@ -14,7 +14,8 @@ Version 5 rebuilds R's source_narratives without its UNIQUE(incident_id, narrati
 version 6 adds what issue #10 records (sessions, config and metrics history, dropped rows,
 content digests, provenance) and backfills R's progress counters; version 7 (issue #15) the
 probe's response format, each answer's finish reason, source and token totals over its
-attempts, and rewrites stored indicators as JSON arrays. Before migrating a
+attempts, and rewrites stored indicators as JSON arrays; version 10 remembers data files'
+checksums by file identity (db/checksums.py). Before migrating a
 database that holds data, the writable opens take a backup (`backup_before_migrating`).
 
 Four ways in: `connect` (create if missing, migrate: `run`), `connect_existing` (an
@@ -278,6 +279,18 @@ BATCH_ITEM_COLUMNS: dict[str, str] = {
     "narrative_type": "TEXT NOT NULL",
 }
 
+# A data file's checksum with the file identity it was read from (db/checksums.py).
+DATA_FILE_CHECKSUM_COLUMNS: dict[str, str] = {
+    "path": "TEXT PRIMARY KEY",
+    "data_checksum": "TEXT NOT NULL",
+    "device": "INTEGER NOT NULL",
+    "inode": "INTEGER NOT NULL",
+    "size": "INTEGER NOT NULL",
+    "mtime_ns": "INTEGER NOT NULL",
+    "ctime_ns": "INTEGER NOT NULL",
+    "checked_at": "TEXT NOT NULL",
+}
+
 TABLES: dict[str, dict[str, str]] = {
     "source_narratives": SOURCE_COLUMNS,
     "experiments": EXPERIMENT_COLUMNS,
@@ -292,6 +305,7 @@ TABLES: dict[str, dict[str, str]] = {
     "label_sets": LABEL_SET_COLUMNS,
     "batches": BATCH_COLUMNS,
     "batch_items": BATCH_ITEM_COLUMNS,
+    "data_file_checksums": DATA_FILE_CHECKSUM_COLUMNS,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -795,6 +809,32 @@ def _m9_endpoints_and_batches(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE sessions ADD COLUMN endpoints_json TEXT")
 
 
+# Version 10: data files' checksums remembered by file identity, so that an unchanged
+# file is not read again at every run and resume; the checksum index covers result keys.
+_M10_DATA_FILE_CHECKSUMS = """CREATE TABLE IF NOT EXISTS data_file_checksums (
+    path TEXT PRIMARY KEY,
+    data_checksum TEXT NOT NULL,
+    device INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    checked_at TEXT NOT NULL
+)"""
+
+
+# The producer's page passes every narrative already done (a resume's first page, all
+# of them); with the result key in the index it never reads those rows' text.
+_M10_SOURCE_INDEX = ("CREATE INDEX IF NOT EXISTS ix_source_checksum_keys ON source_narratives"
+                     "(data_checksum, narrative_id, incident_id, narrative_type)")
+
+
+def _m10_data_file_checksums(conn: sqlite3.Connection) -> None:
+    conn.execute(_M10_DATA_FILE_CHECKSUMS)
+    conn.execute(_M10_SOURCE_INDEX)
+    conn.execute("DROP INDEX IF EXISTS ix_source_checksum")   # a prefix of the new one
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_create_tables,
     _m2_add_missing_columns,
@@ -805,6 +845,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m7_answer_provenance,
     _m8_studies_samples_labels,
     _m9_endpoints_and_batches,
+    _m10_data_file_checksums,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

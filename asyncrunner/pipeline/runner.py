@@ -46,7 +46,7 @@ from asyncrunner.llm.autotune import DEFAULT_AUTOTUNE, Autotuner, AutotuneSettin
 from asyncrunner.llm.client import ClientSettings, HttpSender, LLMClient
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
 from asyncrunner.pipeline.messages import Narrative, Result
-from asyncrunner.pipeline.producer import WorkSelection, produce
+from asyncrunner.pipeline.producer import FirstPage, WorkSelection, produce
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.workers import Prompt, worker
 from asyncrunner.pipeline.writer import ResultWriter, WriterSettings
@@ -163,9 +163,11 @@ class StopControl:
 
 async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                        on_commit: Callable[[Snapshot], None] | None = None,
-                       stop: StopControl | None = None) -> PipelineOutcome:
+                       stop: StopControl | None = None,
+                       first_page: FirstPage | None = None) -> PipelineOutcome:
     """Classify the selection's narratives through `http` (owned and closed by the caller)
-    and commit every result; return how it ended. `stop` lets the caller stop it too."""
+    and commit every result; return how it ended. `stop` lets the caller stop it too;
+    `first_page`: the selection's first page, already being read."""
     stop = stop or StopControl(spec.grace_s)
     limiter = AdaptiveLimiter(spec.workers, requests_per_minute=spec.requests_per_minute)
     budget = (TokenBudget(spec.tokens_per_minute, spec.client.max_tokens)
@@ -211,7 +213,7 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                 tg.start_soon(tuner.run)
             async with anyio.create_task_group() as work:
                 stop.work_scope = work.cancel_scope
-                work.start_soon(_produce, spec, narratives_send, stop, tg)
+                work.start_soon(_produce, spec, narratives_send, stop, tg, first_page)
                 scope = work.cancel_scope
                 async with narratives_recv, results_send:
                     for _ in range(spec.workers):
@@ -259,9 +261,10 @@ def _collector_tuned_for_the_run() -> Iterator[None]:
 
 
 async def _produce(spec: PipelineSpec, send: MemoryObjectSendStream[Narrative],
-                   stop: StopControl, outer: anyio.abc.TaskGroup) -> None:
+                   stop: StopControl, outer: anyio.abc.TaskGroup,
+                   first_page: FirstPage | None) -> None:
     # produce() closes `send` however it ends, which is what lets idle workers leave.
     with stop.producer_scope:
-        await produce(spec.db_path, spec.selection, send)
+        await produce(spec.db_path, spec.selection, send, first=first_page)
     if stop.signum is not None:
         outer.start_soon(stop.grace_timer)
