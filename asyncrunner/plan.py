@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -42,7 +42,7 @@ from asyncrunner.config import (
     load_config,
     resolve_data_path,
 )
-from asyncrunner.db import checksums, sample, store
+from asyncrunner.db import checksums, loading, sample, store
 from asyncrunner.db.experiments import (
     AUTHORITATIVE,
     CHANGE_ADOPTED,
@@ -60,11 +60,13 @@ from asyncrunner.db.ingest import (
     read_digests,
     readable_checksum,
     stored_ingest,
+    unfinished_load,
 )
 from asyncrunner.errors import InputError, UsageError
 from asyncrunner.ids import new_experiment_id, require_uuid
 from asyncrunner.llm.client import redact_model_urls
 from asyncrunner.llm.setup import endpoints_from
+from asyncrunner.pipeline.loading import LoadFeed
 from asyncrunner.pipeline.producer import WorkSelection
 from asyncrunner.settings import (
     Kind,
@@ -177,6 +179,16 @@ class RunPlan:
     retry_categories: tuple[str, ...] | None = None
     sample_keys: tuple[tuple[str, str], ...] | None = None   # a new sampled experiment's
     data_file: checksums.Checked | None = None   # its checksum, recorded with the session
+    # A new experiment whose data file is still loading (db/loading.py): the rest of the
+    # load, and how far it has come (`total` is then the size at the start).
+    background: loading.BackgroundLoad | None = None
+    feed: LoadFeed | None = None
+    finished_load: bool = False      # a resume that first finished its file's load
+
+    @property
+    def total_now(self) -> int:
+        """Narratives in the experiment, as far as its data file is loaded."""
+        return self.feed.total if self.feed is not None else self.total
 
     @property
     def db_path(self) -> Path:
@@ -210,17 +222,23 @@ def draft(req: RunRequest) -> Draft:
     return Draft(req, Intent.NEW, new_experiment_id(), cfg)
 
 
-def complete(conn: sqlite3.Connection, d: Draft) -> RunPlan:
-    """Run every guard that needs the database; the caller holds the experiment's lock."""
+def complete(conn: sqlite3.Connection, d: Draft,
+             before_write: Callable[[], None] | None = None, *,
+             load_beside: bool = False) -> RunPlan:
+    """Run every guard that needs the database; the caller holds the experiment's lock.
+    `before_write`: called before a resume writes while planning (it finishes a data
+    file's load stopped halfway), so that its backup is taken first. `load_beside`: the
+    caller runs the pipeline with RunPlan.background, so a new experiment's CSV may be
+    loaded beside it (db/loading.py); otherwise it is loaded whole here."""
     if d.intent is Intent.NEW:
-        return _plan_new(conn, d)
-    return _plan_resume(conn, d)
+        return _plan_new(conn, d, load_beside)
+    return _plan_resume(conn, d, before_write)
 
 
 # --------------------------------------------------------------------------- new
 
 
-def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
+def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> RunPlan:
     assert d.config is not None
     cfg = d.config
     path = resolve_data_path(cfg)
@@ -231,10 +249,23 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         # Said before the new version is read and loaded beside the old rows.
         log.warning("data_file_changed", message=_changed_file_message(cfg.data.file,
                                                                        prior[0], checksum))
-    report = ingest(conn, cfg.data, path, checksum=checksum)
+    background: loading.BackgroundLoad | None = None
+    feed: LoadFeed | None = None
+    if load_beside and loading.can_load_beside(cfg, path):
+        begun = loading.start(conn, cfg.data, path, checksum, cfg.run.max_narratives)
+        if isinstance(begun, loading.BackgroundLoad):
+            background, report = begun, begun.report
+            feed = LoadFeed(begun.progress, cfg.run.max_narratives)
+        else:
+            report = begun
+    else:
+        report = ingest(conn, cfg.data, path, checksum=checksum)
     warnings = list(_ingest_warnings(conn, cfg, report))
-    cutoff = store.set_cutoff(conn, report.data_checksum, cfg.run.max_narratives)
-    total = store.count_set(conn, report.data_checksum, cutoff)
+    if feed is not None:
+        cutoff, total = feed.cutoff, feed.total
+    else:
+        cutoff = store.set_cutoff(conn, report.data_checksum, cfg.run.max_narratives)
+        total = store.count_set(conn, report.data_checksum, cutoff)
     if total == 0:
         raise InputError(f"data file {cfg.data.file} holds no narratives to classify")
     keys = None
@@ -246,7 +277,8 @@ def _plan_new(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         selection=WorkSelection(d.experiment_id, report.data_checksum, cutoff,
                                 sampled=keys is not None),
         total=total, target=total, ingest=report, prior_loads=prior,
-        warnings=tuple(warnings), sample_keys=keys, data_file=checked)
+        warnings=tuple(warnings), sample_keys=keys, data_file=checked,
+        background=background, feed=feed)
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:
@@ -304,7 +336,8 @@ class _Settings:
     stored_config: dict[str, Any] | None
 
 
-def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
+def _plan_resume(conn: sqlite3.Connection, d: Draft,
+                 before_write: Callable[[], None] | None = None) -> RunPlan:
     req, experiment_id = d.request, d.experiment_id
     retry = d.intent is Intent.RETRY_ERRORS
     record = require_resumable(conn, experiment_id, force=req.force, retry_errors_only=retry)
@@ -313,9 +346,17 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
     warnings = list(s.warnings)
     legacy: LegacySet | None = None
     checked: checksums.Checked | None = None
+    finished_load = False
     if record.data_checksum:
         checked, more = _check_data_unchanged(conn, record, s.config)
         warnings += more
+        if unfinished_load(conn, record.data_checksum):
+            # Stopped while its file was still loading beside it: the rest first.
+            if before_write is not None:
+                before_write()
+            ingest(conn, s.config.data, Path(record.data_file or ""),
+                   checksum=record.data_checksum)
+            finished_load = True
         checksum, max_narratives = record.data_checksum, record.max_narratives
     else:
         legacy, more = _legacy_set(conn, record)
@@ -350,7 +391,7 @@ def _plan_resume(conn: sqlite3.Connection, d: Draft) -> RunPlan:
         warnings=tuple(warnings), previous_status=_status_or_none(record.status),
         settings_diff=s.diff, allowed_drift=s.allowed, config_changes=tuple(s.changes),
         stored_config=stored_config, legacy=legacy, retry_categories=categories,
-        data_file=checked)
+        data_file=checked, finished_load=finished_load)
 
 
 def _status_or_none(value: str | None) -> Status | None:

@@ -57,7 +57,7 @@ import structlog
 from asyncrunner import logs
 from asyncrunner.config import Config, unknown_env_variables
 from asyncrunner.db import backup, checksums, drops, experiments, sample, sessions, store
-from asyncrunner.db.ingest import ORIGIN_ADOPTED, mapping_json
+from asyncrunner.db.ingest import ORIGIN_ADOPTED, IngestReport, mapping_json
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect, transaction
 from asyncrunner.diskspace import SpaceReserve, disk_full_cause, disk_full_error
@@ -84,7 +84,7 @@ from asyncrunner.llm.router import EndpointPool, EndpointSettings
 from asyncrunner.llm.setup import client_settings, endpoints_from
 from asyncrunner.pipeline.producer import FirstPage
 from asyncrunner.pipeline.progress import Snapshot
-from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec, run_pipeline
+from asyncrunner.pipeline.runner import Loading, PipelineOutcome, PipelineSpec, run_pipeline
 from asyncrunner.pipeline.workers import Prompt
 from asyncrunner.pipeline.writer import WriterSettings
 from asyncrunner.plan import (
@@ -136,11 +136,16 @@ def execute(req: RunRequest, out: IO[str] = sys.stdout,
             SpaceReserve(req.db_path, d.experiment_id) as reserve, \
             _resume_backup(d) as pending:
         first_backup = _backup_before_new_run(conn, d)
-        plan = complete(conn, d)
-        _warn_unknown_env(req.env, plan.config)
-        _open_record(conn, plan, lock, out, session_id, first_backup, pending)
-        return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit), transport,
-                          reserve)
+        plan = complete(conn, d, before_write=pending.snapshot if pending else None,
+                        load_beside=True)
+        try:
+            _warn_unknown_env(req.env, plan.config)
+            _open_record(conn, plan, lock, out, session_id, first_backup, pending)
+            return _carry_out(conn, plan, session_id, _progress_for(plan, on_commit),
+                              transport, reserve)
+        finally:
+            if plan.background is not None:
+                plan.background.close()     # unfinished, it is finished by the next session
 
 
 def _warn_unknown_env(env: Mapping[str, str], cfg: Config) -> None:
@@ -360,6 +365,9 @@ def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> 
                                   list(plan.config_changes))
     if plan.previous_status is Status.COMPLETED:
         experiments.archive_metrics(conn, experiment_id, session_id)
+    if plan.finished_load:       # stopped while its file was loading: now it is whole
+        conn.execute("UPDATE experiments SET n_narratives_total = ? WHERE experiment_id = ?",
+                     (plan.total, experiment_id))
     experiments.set_status(conn, experiment_id, Status.RUNNING)
 
 
@@ -391,7 +399,11 @@ def _log_data(conn: sqlite3.Connection, plan: RunPlan) -> None:
     checksum = plan.selection.checksum
     summary = drops.drop_summary(conn, checksum)
     lost = "not sent to the model: " + drops.describe(summary)[0]
-    if plan.is_new:
+    if plan.background is not None:
+        log.info("loading", message=(
+            f"data {plan.config.data.file}: loading beside the run; the first "
+            f"{plan.background.progress.n_narratives} narratives are in"), checksum=checksum)
+    elif plan.is_new:
         assert plan.ingest is not None
         report = plan.ingest
         for line in file_change_lines(report, plan.prior_loads):
@@ -407,11 +419,37 @@ def _log_data(conn: sqlite3.Connection, plan: RunPlan) -> None:
                  f"{lost}", checksum=checksum, dropped=summary)
 
 
+def _log_loaded(conn: sqlite3.Connection, plan: RunPlan, report: IngestReport) -> None:
+    """The data file loaded beside the run has been committed whole: the `ingest` event
+    other runs log at their start, and what changed since the file's last version."""
+    summary = drops.drop_summary(conn, report.data_checksum)
+    for line in file_change_lines(report, plan.prior_loads):
+        log.warning("data_file_changed", message=line)
+    log.info("ingest", message=(
+        f"data {plan.config.data.file}: {report.n_narratives} narratives; not sent to the "
+        f"model: {drops.describe(summary)[0]}"), checksum=report.data_checksum,
+        dropped=summary)
+    for line in drops.warnings(summary):
+        log.warning("dropped_warning", message=line)
+
+
+def _settle_total(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
+    """The experiment's size once its data file is loaded whole (the writer's commits
+    carried it so far), and the session's target with it."""
+    with transaction(conn):
+        conn.execute("UPDATE experiments SET n_narratives_total = ? WHERE experiment_id = ?",
+                     (plan.total_now, plan.experiment_id))
+        conn.execute("UPDATE sessions SET target = ? WHERE session_id = ?",
+                     (plan.total_now, session_id))
+
+
 def _log_start(plan: RunPlan) -> None:
     cfg = plan.config
     if plan.is_new:
+        size = (f"{plan.total} narratives so far (the file is still loading)"
+                if plan.background is not None else f"{plan.total} narratives")
         log.info("run_start", message=f"experiment {plan.experiment_id} "
-                 f"'{cfg.experiment.name}': {plan.total} narratives, {cfg.run.workers} workers",
+                 f"'{cfg.experiment.name}': {size}, {cfg.run.workers} workers",
                  model=cfg.model.name, provider=cfg.model.provider, total=plan.total,
                  workers=cfg.run.workers, batch_size=cfg.run.batch_size)
         return
@@ -452,7 +490,9 @@ def pipeline_spec(plan: RunPlan, session_id: str | None = None) -> PipelineSpec:
                               interval_s=r.commit_interval_s,
                               retry_errors_only=plan.intent is Intent.RETRY_ERRORS,
                               max_tokens=plan.config.model.max_tokens,
-                              session_id=session_id),
+                              session_id=session_id,
+                              total_now=(lambda: plan.total_now)
+                              if plan.feed is not None else None),
         client=_client_settings(plan),
         prompt=Prompt(plan.config.prompt.system_prompt, plan.config.prompt.user_template,
                       r.parse_retry),
@@ -498,12 +538,13 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
                           transport: httpx.AsyncBaseTransport | None,
                           setting: str, on_probe: Callable[[ProbeResult], None],
                           on_pool: Callable[[EndpointPool], None] | None = None,
-                          first_page: FirstPage | None = None) -> PipelineOutcome:
+                          first_page: FirstPage | None = None,
+                          loading: Loading | None = None) -> PipelineOutcome:
     """Bring up the HTTP side (and the simulator for `provider: mock`), probe the response
     format on it, run the pipeline. Requests go through one endpoint pool (router.py):
     model.endpoints, or the one api_url; the probe too (to the first healthy endpoint).
     `on_pool` is handed the pool, for its final figures; `first_page`: the producer's
-    first page, read meanwhile."""
+    first page, read meanwhile; `loading`: the data file's load, to finish beside it."""
     batch = plan.config.model.provider == "openai-batch"
     async with AsyncExitStack() as stack:
         if plan.config.model.provider == "mock" and transport is None:
@@ -543,7 +584,8 @@ async def _serve_pipeline(plan: RunPlan, spec: PipelineSpec,
             on_probe(found)
         mode = None if found.mode == "none" else found.mode
         spec = replace(spec, client=replace(spec.client, response_format=mode))
-        return await run_pipeline(spec, http, on_commit=on_commit, first_page=first_page)
+        return await run_pipeline(spec, http, on_commit=on_commit, first_page=first_page,
+                                  loading=loading)
 
 
 def _with_url(spec: PipelineSpec, url: str) -> PipelineSpec:
@@ -582,15 +624,19 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
     experiment_id = plan.experiment_id
     pools: list[EndpointPool] = []
     spec = pipeline_spec(plan, session_id)
-    # Read while the HTTP side comes up and the probe runs (batch mode reads no pages).
+    # Read while the HTTP side comes up and the probe runs (batch mode reads no pages; a
+    # file still loading has its first rows just committed, a cheap read).
     first_page = (FirstPage(spec.db_path, spec.selection)
-                  if plan.target > 0 and plan.config.model.provider != "openai-batch" else None)
+                  if plan.target > 0 and plan.config.model.provider != "openai-batch"
+                  and plan.feed is None else None)
+    loading = (Loading(plan.background, plan.feed, lambda report: _log_loaded(conn, plan, report))
+               if plan.background is not None and plan.feed is not None else None)
     try:
         try:
             outcome = anyio.run(_serve_pipeline, plan, spec, on_commit, transport,
                                 _probe_setting(conn, plan),
                                 lambda found: _record_probe(conn, plan, found), pools.append,
-                                first_page)
+                                first_page, loading)
         finally:
             if first_page is not None:
                 first_page.wait()      # a session stopped before its pipeline
@@ -602,8 +648,10 @@ def _carry_out(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
         if outcome.halted is not None:
             raise EndpointCannotServe(outcome.halted)
         done, _ = store.count_results(conn, experiment_id)
-        if done < plan.total:
-            raise RunFailed(f"work ran out with {done}/{plan.total} narratives stored")
+        if plan.feed is not None:
+            _settle_total(conn, plan, session_id)
+        if done < plan.total_now:
+            raise RunFailed(f"work ran out with {done}/{plan.total_now} narratives stored")
         result = finalize(conn, experiment_id, Path(plan.config.run.output_dir))
         sessions.end_session(conn, session_id, SessionEnd.COMPLETED)
     except (Stopped, KeyboardInterrupt) as exc:
@@ -662,7 +710,7 @@ def _end_interrupted(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
     _end_session(conn, session_id, SessionEnd.INTERRUPTED, f"stopped by {name}")
     done, _ = store.count_results(conn, plan.experiment_id)
     log.warning("run_interrupted", message=(
-        f"interrupted: {done}/{plan.total} narratives stored; resume with "
+        f"interrupted: {done}/{plan.total_now} narratives stored; resume with "
         f"RESUME=1 EXPERIMENT_ID={plan.experiment_id} or "
         f"`asyncrunner resume {plan.experiment_id}`"))
 
@@ -674,7 +722,7 @@ def _end_cannot_serve(conn: sqlite3.Connection, plan: RunPlan, session_id: str,
     _end_session(conn, session_id, SessionEnd.INTERRUPTED, reason[:500])
     done, _ = store.count_results(conn, plan.experiment_id)
     log.error("endpoint_cannot_serve", message=(
-        f"stopped: {reason[:300]}; {done}/{plan.total} narratives stored; fix it, then "
+        f"stopped: {reason[:300]}; {done}/{plan.total_now} narratives stored; fix it, then "
         f"`asyncrunner resume {plan.experiment_id}`"))
 
 

@@ -31,7 +31,7 @@ import sqlite3
 import warnings
 import zipfile
 import zlib
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,9 +54,12 @@ MAX_QUOTED_LABEL = 20
 
 _TRUE = frozenset({"1", "true", "yes", "y"})
 _FALSE = frozenset({"0", "false", "no", "n"})
-# The spellings most files use, looked up before the general reading (millions of cells).
+# The spellings most files use, as typed (lower, Title or UPPER case), looked up before the
+# general reading (millions of cells).
 _QUICK_LABELS: dict[str, tuple[int | None]] = {
-    "": (None,), "1": (1,), "0": (0,), **{w: (1,) for w in _TRUE}, **{w: (0,) for w in _FALSE},
+    "": (None,), "1": (1,), "0": (0,),
+    **{form: (1,) for w in _TRUE for form in (w, w.title(), w.upper())},
+    **{form: (0,) for w in _FALSE for form in (w, w.title(), w.upper())},
 }
 
 _INSERT_SQL = (
@@ -72,6 +75,9 @@ _DROP_SQL = (
 # `ingests.origin` of narratives found under a checksum with no ingest record (loaded by the
 # R version, which stored the same MD5): adopted as they are, never loaded a second time.
 ORIGIN_ADOPTED = "adopted"
+# `ingests.origin` of a load still being committed chunk by chunk beside a running
+# experiment (db/loading.py); n_narratives is then what is committed so far.
+ORIGIN_LOADING = "loading"
 
 Row = tuple[int, Sequence[Any]]  # (spreadsheet row number, header = 1; cell values)
 
@@ -208,7 +214,10 @@ def ingest(conn: sqlite3.Connection, data: DataSection, path: Path, *,
         # Another process may have loaded the same file while we waited for the write lock.
         report = _stored_report(conn, path, checksum, mapping)
         if report is None:
-            if _rows_under(conn, checksum):
+            unfinished = _unfinished(conn, checksum, mapping)
+            if unfinished is not None:
+                report = _load(conn, data, path, checksum, mapping, after=unfinished)
+            elif _rows_under(conn, checksum):
                 report = _adopt(conn, path, checksum, mapping)
             else:
                 report = _load(conn, data, path, checksum, mapping)
@@ -222,6 +231,30 @@ def read_digests(data: DataSection, path: Path) -> Digests:
         for _ in _narrative_records(rows, data, Path(path), counts):
             pass
     return counts.digests()
+
+
+def check_csv(data: DataSection, path: Path, checksum: str) -> None:
+    """Everything that can refuse a CSV, without loading it: the header, every label of
+    every row with an id, the file's encoding and quoting, and that its bytes are still
+    `checksum`'s. A load started after this can only fail on the disk or the database,
+    never on the file's content halfway (db/loading.py loads beside a running run)."""
+    path = Path(path)
+    read = hashlib.md5(usedforsecurity=False)
+    with closing(_csv_rows(path, read)) as rows:
+        header_number, header = _first_nonempty(rows, path)
+        columns = _column_index(header, header_number, data, path)
+        id_at = columns[data.id_column]
+        labels = [(name, columns[name]) for name in
+                  [*data.flags.values(), *([data.case_flag] if data.case_flag else [])]]
+        quick = _QUICK_LABELS
+        for number, row in rows:
+            if id_at >= len(row) or not row[id_at].strip():
+                continue      # a row without an id is dropped whatever its labels say
+            for name, at in labels:
+                if at < len(row) and row[at] not in quick:
+                    _label(row[at], number, name, path)
+    if read.hexdigest() != checksum:
+        raise InputError(f"data file {path} changed while it was being read; run again")
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,43 +304,146 @@ def count_placeholder_texts(conn: sqlite3.Connection, checksum: str,
 
 
 def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str,
-          mapping: str) -> IngestReport:
-    loaded_at = _utc_seconds()
-    counts = _Counts()
-    read = hashlib.md5(usedforsecurity=False)   # of the bytes parsed, where they stream
-    with closing(_read_rows(path, data.sheet, read)) as rows:
+          mapping: str, *, after: Unfinished | None = None) -> IngestReport:
+    """The whole file in the caller's transaction. `after`: an unfinished load's committed
+    part, which this one finishes."""
+    with closing(Loader(data, path, checksum, after=after)) as loader:
+        while not loader.finished:
+            loader.step(conn)
+        loader.record(conn, mapping, replace=after is not None)
+        return loader.report()
+
+
+class Loader:
+    """One reading of a data file into source_narratives, in steps: each step inserts the
+    next narratives and the drops found on the way, in the caller's transaction, so a load
+    can be one transaction (ingest) or one per step beside a running experiment
+    (db/loading.py). The file is read in one pass; records and drops come in file order,
+    so an unfinished load's committed part is a prefix of both, and `after` (what it
+    committed) finishes it without a second copy of any row."""
+
+    def __init__(self, data: DataSection, path: Path, checksum: str, *,
+                 after: Unfinished | None = None) -> None:
+        self.data, self.path, self.checksum = data, Path(path), checksum
+        self.loaded_at = after.loaded_at if after is not None else _utc_seconds()
+        self.counts = _Counts()
+        self.finished = False
+        self._skip_narratives = after.n_narratives if after is not None else 0
+        self._drops_done = after.n_drops if after is not None else 0
+        self._read = hashlib.md5(usedforsecurity=False)   # of the bytes parsed (CSV)
+        self._rows = _read_rows(self.path, data.sheet, self._read)
         # Each record carries the load's columns too: no second generator per narrative.
-        _insert_in_chunks(conn, _INSERT_SQL, _narrative_records(
-            rows, data, path, counts, stamp=(str(path), checksum, loaded_at)))
-    # The file was hashed before it was read; a writer replacing it in between would leave
-    # rows under a checksum they do not belong to. A CSV is hashed as it is parsed (one
-    # pass less over a large file); a workbook is read at random, so hashed again.
-    parsed = read.hexdigest() if path.suffix.lower() == ".csv" else readable_checksum(path)
-    if parsed != checksum:
-        raise InputError(f"data file {path} changed while it was being read; run again")
-    _insert_in_chunks(conn, _DROP_SQL, ((checksum, *drop) for drop in counts.drops))
-    digests = counts.digests()
-    conn.execute(
-        "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_rows, n_narratives, "
-        "n_blank, n_duplicates, loaded_at, n_placeholder, n_no_id, rows_digest, "
-        "content_digest, data_path, origin) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-        (checksum, mapping, str(path), counts.n_rows, counts.n_narratives, counts.n_blank,
-         counts.n_duplicates, loaded_at, counts.n_placeholder, counts.n_no_id,
-         digests.rows_digest, digests.content_digest, str(path.resolve())),
-    )
-    return IngestReport(str(path), checksum, True, counts.n_rows, counts.n_narratives,
-                        counts.n_blank, counts.n_duplicates, counts.n_placeholder,
-                        counts.n_no_id, digests.rows_digest, digests.content_digest,
-                        loaded_at)
+        self._records = _narrative_records(self._rows, data, self.path, self.counts,
+                                           stamp=(str(path), checksum, self.loaded_at))
+
+    def step(self, conn: sqlite3.Connection, limit: int = INSERT_CHUNK_ROWS) -> int:
+        """Insert up to `limit` more narratives and the drops read meanwhile; returns how
+        many narratives. At the end of the file, checks it is the file that was hashed."""
+        if self._skip_narratives:
+            self._skip_committed(conn)
+        chunk = list(islice(self._records, limit))
+        if chunk:
+            conn.executemany(_INSERT_SQL, chunk)
+        drops = self.counts.drops
+        if len(drops) > self._drops_done:
+            conn.executemany(_DROP_SQL, [(self.checksum, *drop)
+                                         for drop in drops[self._drops_done:]])
+            self._drops_done = len(drops)
+        if len(chunk) < limit:
+            self._end()
+        return len(chunk)
+
+    def _skip_committed(self, conn: sqlite3.Connection) -> None:
+        """Read past the narratives an unfinished load committed, and check the last of
+        them is the last one stored (the same file read by the same rules)."""
+        last = next(islice(self._records, self._skip_narratives - 1, None), None)
+        stored = conn.execute(
+            "SELECT incident_id, narrative_type FROM source_narratives WHERE data_checksum = ? "
+            "ORDER BY narrative_id DESC LIMIT 1", (self.checksum,)).fetchone()
+        if last is None or stored is None or tuple(last[:2]) != tuple(stored):
+            raise InputError(f"data file {self.path}: its unfinished load does not match the "
+                             "file's rows; load it into a new database")
+        self._skip_narratives = 0
+
+    def _end(self) -> None:
+        self.close()
+        # The file was hashed before it was read; a writer replacing it in between would
+        # leave rows under a checksum they do not belong to. A CSV is hashed as it is
+        # parsed (one pass less over a large file); a workbook is read at random, so
+        # hashed again.
+        parsed = (self._read.hexdigest() if self.path.suffix.lower() == ".csv"
+                  else readable_checksum(self.path))
+        if parsed != self.checksum:
+            raise InputError(f"data file {self.path} changed while it was being read; "
+                             "run again")
+        self.finished = True
+
+    def close(self) -> None:
+        self._rows.close()
+
+    def record(self, conn: sqlite3.Connection, mapping: str, *, origin: str | None = None,
+               replace: bool = False) -> None:
+        """The `ingests` row: this load's counts so far (final once finished), under
+        `origin` (None: an ordinary finished load). `replace`: the row exists already
+        (an unfinished load's)."""
+        c, digests = self.counts, self.counts.digests()
+        values = {
+            "checksum": self.checksum, "mapping": mapping, "source": str(self.path),
+            "n_rows": c.n_rows, "n_narratives": c.n_narratives, "n_blank": c.n_blank,
+            "n_duplicates": c.n_duplicates, "loaded_at": self.loaded_at,
+            "n_placeholder": c.n_placeholder, "n_no_id": c.n_no_id,
+            "rows_digest": digests.rows_digest, "content_digest": digests.content_digest,
+            "path": str(self.path.resolve()), "origin": origin,
+        }
+        if replace:
+            conn.execute(
+                "UPDATE ingests SET n_rows = :n_rows, n_narratives = :n_narratives, "
+                "n_blank = :n_blank, n_duplicates = :n_duplicates, "
+                "n_placeholder = :n_placeholder, n_no_id = :n_no_id, "
+                "rows_digest = :rows_digest, content_digest = :content_digest, "
+                "origin = :origin WHERE data_checksum = :checksum AND mapping_json = :mapping",
+                values)
+            return
+        conn.execute(
+            "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_rows, "
+            "n_narratives, n_blank, n_duplicates, loaded_at, n_placeholder, n_no_id, "
+            "rows_digest, content_digest, data_path, origin) VALUES (:checksum, :mapping, "
+            ":source, :n_rows, :n_narratives, :n_blank, :n_duplicates, :loaded_at, "
+            ":n_placeholder, :n_no_id, :rows_digest, :content_digest, :path, :origin)",
+            values)
+
+    def report(self) -> IngestReport:
+        c, digests = self.counts, self.counts.digests()
+        return IngestReport(str(self.path), self.checksum, True, c.n_rows, c.n_narratives,
+                            c.n_blank, c.n_duplicates, c.n_placeholder, c.n_no_id,
+                            digests.rows_digest, digests.content_digest, self.loaded_at)
 
 
-def _insert_in_chunks(conn: sqlite3.Connection, sql: str,
-                      records: Iterable[tuple[Any, ...]]) -> None:
-    # Chunks keep memory flat on big files while executemany keeps the insert fast.
-    it = iter(records)
-    while chunk := list(islice(it, INSERT_CHUNK_ROWS)):
-        conn.executemany(sql, chunk)
+def unfinished_load(conn: sqlite3.Connection, checksum: str) -> bool:
+    """Whether this checksum's load was stopped halfway (db/loading.py); `ingest` with
+    the same mapping finishes it."""
+    return conn.execute("SELECT 1 FROM ingests WHERE data_checksum = ? AND origin = ?",
+                        (checksum, ORIGIN_LOADING)).fetchone() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """What an unfinished load committed."""
+
+    n_narratives: int
+    n_drops: int
+    loaded_at: str
+
+
+def _unfinished(conn: sqlite3.Connection, checksum: str, mapping: str) -> Unfinished | None:
+    row = conn.execute("SELECT n_narratives, loaded_at FROM ingests WHERE data_checksum = ? "
+                       "AND mapping_json = ? AND origin = ?",
+                       (checksum, mapping, ORIGIN_LOADING)).fetchone()
+    if row is None:
+        return None
+    drops = conn.execute("SELECT COUNT(*) FROM ingest_drops WHERE data_checksum = ?",
+                         (checksum,)).fetchone()[0]
+    return Unfinished(int(row[0] or 0), int(drops), str(row[1]))
 
 
 def _rows_under(conn: sqlite3.Connection, checksum: str) -> int:
@@ -346,6 +482,8 @@ _STORED_SQL = (
 def _stored_report(conn: sqlite3.Connection, path: Path, checksum: str,
                    mapping: str) -> IngestReport | None:
     rows = conn.execute(_STORED_SQL, (checksum,)).fetchall()
+    if any(row[10] == ORIGIN_LOADING and row[0] == mapping for row in rows):
+        return None          # unfinished: ingest() finishes it
     for row in rows:
         # A load recorded before data.placeholders existed has no list in its mapping: it is
         # the same reading of the file except that placeholder texts were kept.

@@ -21,6 +21,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from asyncrunner.db.schema import BUSY_TIMEOUT_MS, open_async
+from asyncrunner.pipeline.loading import LoadFeed
 from asyncrunner.pipeline.messages import Narrative
 
 PAGE_SIZE = 256
@@ -70,6 +71,11 @@ class _Page:
         self.rows: list[Sequence[Any]] = []
         self.error: Exception | None = None
         self.done = anyio.Event()
+        self.after = -1               # the narrative_id it was read after
+        # With a load beside the run: whether the experiment's rows were all committed
+        # when it was read (else a short page is not the end), and the feed's version then.
+        self.complete = True
+        self.version = 0
 
 
 def _query(selection: WorkSelection, page_size: int) -> tuple[str, dict[str, object]]:
@@ -130,25 +136,34 @@ class FirstPage:
 
 async def produce(db_path: str | Path, selection: WorkSelection,
                   send: MemoryObjectSendStream[Narrative], *, page_size: int = PAGE_SIZE,
-                  first: FirstPage | None = None) -> None:
+                  first: FirstPage | None = None, feed: LoadFeed | None = None) -> None:
     """Send every remaining narrative of the selection, in id order, then close `send`.
 
     While one page is handed out the next is already being read: one page ahead, no more,
     so a page is read at most one page's hand-out before its first narrative leaves, and
     results stored meanwhile still thin out the pages after it. The hand-out itself stays
     unbuffered: a narrative leaves only when a worker takes it. `first`: the first page,
-    already being read (of this selection and page size).
+    already being read (of this selection and page size). `feed`: the data file is still
+    being loaded (pipeline/loading.py): no row past its bound is read, and a short page
+    read before the load was complete is followed by another once it has moved on.
     """
     sql, base = _query(selection, page_size)
     failure: Exception | None = None
     async with send, open_async(db_path) as db:
         await db.execute("PRAGMA query_only = 1")
 
-        async def read(after: int, page: _Page) -> None:
+        async def read(after: int, page: _Page, past: int | None = None) -> None:
             # One call on the connection's thread (execute + fetchall): the statement runs
             # to its end there, so no read transaction stays open between pages.
+            page.after = after
             try:
-                [(encoded,)] = await db.execute_fetchall(sql, {**base, "after": after})
+                params = {**base, "after": after}
+                if feed is not None:
+                    if past is not None:
+                        await feed.wait_past(past)
+                    page.complete, page.version = feed.complete, feed.version
+                    params["cutoff"] = feed.bound
+                [(encoded,)] = await db.execute_fetchall(sql, params)
                 page.rows = _rows(encoded)
             except Exception as exc:  # noqa: BLE001 - handed to produce(), raised there
                 page.error = exc
@@ -166,14 +181,18 @@ async def produce(db_path: str | Path, selection: WorkSelection,
                     if page.error is not None:
                         raise page.error
                     rows = page.rows
-                    if not rows:
-                        break
-                    page = _Page()
+                    after = rows[-1][0] if rows else page.after
+                    following = _Page()
                     if len(rows) == page_size:
-                        tg.start_soon(read, rows[-1][0], page)
+                        tg.start_soon(read, after, following)
+                    elif not page.complete:      # more rows are being loaded
+                        tg.start_soon(read, after, following, page.version)
+                    elif rows:
+                        following.done.set()     # a short page was the last one
                     else:
-                        page.done.set()          # a short page was the last one
+                        break
                     await _hand_out(rows, send)
+                    page = following
             except Exception as exc:  # noqa: BLE001 - re-raised below
                 failure = exc
                 tg.cancel_scope.cancel()

@@ -42,9 +42,12 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
+from asyncrunner.db.ingest import IngestReport
+from asyncrunner.db.loading import BackgroundLoad
 from asyncrunner.llm.autotune import DEFAULT_AUTOTUNE, Autotuner, AutotuneSettings, Meter
 from asyncrunner.llm.client import ClientSettings, HttpSender, LLMClient
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
+from asyncrunner.pipeline.loading import LoadFeed, keep_loading
 from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.pipeline.producer import FirstPage, WorkSelection, produce
 from asyncrunner.pipeline.progress import Snapshot
@@ -115,6 +118,7 @@ class StopControl:
         self.grace_s = grace_s
         self.signum: int | None = None
         self.producer_scope = anyio.CancelScope()
+        self.load_scope = anyio.CancelScope()     # a data file still loading (loading.py)
         self.work_scope: anyio.CancelScope | None = None
         self.watch_scope = anyio.CancelScope()
         self.grace_scope = anyio.CancelScope()
@@ -127,6 +131,7 @@ class StopControl:
             self.halted, self.halt_kind = reason, kind
             log.error("halt", kind=kind, message=f"stopping now: {reason}")
         self.producer_scope.cancel()
+        self.load_scope.cancel()
         if self.work_scope is not None:
             self.work_scope.cancel()
 
@@ -138,6 +143,7 @@ class StopControl:
                                 f"requests in flight (up to {self.grace_s:g}s); "
                                 "press Ctrl-C again to stop now")
             self.producer_scope.cancel()
+            self.load_scope.cancel()
         elif self.work_scope is not None:
             log.warning("signal", signal=signal.Signals(signum).name,
                         message="second signal: cancelling requests in flight")
@@ -164,10 +170,12 @@ class StopControl:
 async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                        on_commit: Callable[[Snapshot], None] | None = None,
                        stop: StopControl | None = None,
-                       first_page: FirstPage | None = None) -> PipelineOutcome:
+                       first_page: FirstPage | None = None,
+                       loading: Loading | None = None) -> PipelineOutcome:
     """Classify the selection's narratives through `http` (owned and closed by the caller)
     and commit every result; return how it ended. `stop` lets the caller stop it too;
-    `first_page`: the selection's first page, already being read."""
+    `first_page`: the selection's first page, already being read; `loading`: the data
+    file's load still to finish beside the pipeline (its feed bounds the producer)."""
     stop = stop or StopControl(spec.grace_s)
     limiter = AdaptiveLimiter(spec.workers, requests_per_minute=spec.requests_per_minute)
     budget = (TokenBudget(spec.tokens_per_minute, spec.client.max_tokens)
@@ -213,7 +221,10 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                 tg.start_soon(tuner.run)
             async with anyio.create_task_group() as work:
                 stop.work_scope = work.cancel_scope
-                work.start_soon(_produce, spec, narratives_send, stop, tg, first_page)
+                if loading is not None:
+                    work.start_soon(_load, spec, loading, stop)
+                work.start_soon(_produce, spec, narratives_send, stop, tg, first_page,
+                                loading.feed if loading is not None else None)
                 scope = work.cancel_scope
                 async with narratives_recv, results_send:
                     for _ in range(spec.workers):
@@ -224,6 +235,22 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
             stop.finished()
     return PipelineOutcome(stopped_by=stop.signum, last=writer.last, halted=stop.halted,
                            halt_kind=stop.halt_kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """A data file's load to finish beside the pipeline (db/loading.py), its feed, and
+    what to do with its final report."""
+
+    load: BackgroundLoad
+    feed: LoadFeed
+    on_loaded: Callable[[IngestReport], None] | None = None
+
+
+async def _load(spec: PipelineSpec, loading: Loading, stop: StopControl) -> None:
+    # Stopped with the producer: a load stopped halfway is finished by the next session.
+    with stop.load_scope:
+        await keep_loading(loading.load, loading.feed, spec.db_path, loading.on_loaded)
 
 
 def _waiting(limiter: AdaptiveLimiter) -> tuple[datetime, str] | None:
@@ -262,9 +289,9 @@ def _collector_tuned_for_the_run() -> Iterator[None]:
 
 async def _produce(spec: PipelineSpec, send: MemoryObjectSendStream[Narrative],
                    stop: StopControl, outer: anyio.abc.TaskGroup,
-                   first_page: FirstPage | None) -> None:
+                   first_page: FirstPage | None, feed: LoadFeed | None) -> None:
     # produce() closes `send` however it ends, which is what lets idle workers leave.
     with stop.producer_scope:
-        await produce(spec.db_path, spec.selection, send, first=first_page)
+        await produce(spec.db_path, spec.selection, send, first=first_page, feed=feed)
     if stop.signum is not None:
         outer.start_soon(stop.grace_timer)

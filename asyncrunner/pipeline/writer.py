@@ -99,6 +99,7 @@ WHERE experiment_id = :experiment_id AND incident_id = :incident_id
 
 PROGRESS_SQL = """
 UPDATE experiments SET n_narratives_completed = :done, n_narratives_processed = :done,
+    n_narratives_total = COALESCE(:total, n_narratives_total),
     last_progress_update = :now, estimated_completion_time = :eta
 WHERE experiment_id = :experiment_id
 """
@@ -118,6 +119,16 @@ class WriterSettings:
     session_id: str | None = None   # the sessions row whose endpoints_json commits update
     # The per-endpoint figures as JSON, read at each commit (EndpointPool.snapshot_json)
     endpoint_stats: Callable[[], str] | None = field(default=None, compare=False, repr=False)
+    # The experiment's size while its data file is still loading (pipeline/loading.py),
+    # read at each commit; `total` and `session_target` are then its size at the start.
+    total_now: Callable[[], int] | None = field(default=None, compare=False, repr=False)
+
+    def totals(self) -> tuple[int, int]:
+        """(narratives in the experiment, narratives this session sets out to process)."""
+        if self.total_now is None:
+            return self.total, self.session_target
+        total = self.total_now()
+        return total, total - (self.total - self.session_target)
 
 
 # Results the writer holds at most while a commit is under way (or 4 batches, if more).
@@ -242,10 +253,12 @@ class ResultWriter:
         rows = [_row(self.s.experiment_id, r) for r in batch]
         session_done = self._session_done + len(batch)
         rate = self._rate.add(session_done)
-        remaining = max(0, self.s.session_target - session_done)
+        total, target = self.s.totals()
+        remaining = max(0, target - session_done)
         eta = eta_from(rate, remaining)
         progress = {"now": local_now(), "experiment_id": self.s.experiment_id,
-                    "eta": eta.strftime(LOCAL_FORMAT) if eta else None}
+                    "eta": eta.strftime(LOCAL_FORMAT) if eta else None,
+                    "total": total if self.s.total_now is not None else None}
         # The whole transaction is one trip to the connection's thread: each trip wakes that
         # thread and hands the GIL back and forth with the event loop, which costs the
         # workers more than the statements themselves.
@@ -264,13 +277,13 @@ class ResultWriter:
                                 if r.completion_tokens_total is not None
                                 else r.completion_tokens) or 0
         self.last = Snapshot(
-            done=done, total=self.s.total, session_done=session_done,
+            done=done, total=total, session_done=session_done,
             errors=dict(self._errors), rate=rate, elapsed_s=self._rate.elapsed(), eta=eta,
             prompt_tokens=self._tokens[0], completion_tokens=self._tokens[1],
             concurrency=self._concurrency() if self._concurrency else None,
             **self._waiting_fields(),
         )
-        log.info("commit", rows=len(batch), changed=changed, done=done, total=self.s.total,
+        log.info("commit", rows=len(batch), changed=changed, done=done, total=total,
                  rate=round(rate, 3), errors=sum(self._errors.values()))
         if self._on_commit:
             self._on_commit(self.last)
@@ -286,9 +299,10 @@ class ResultWriter:
         snapshot, or the session's starting point before the first commit, as it is now."""
         if self._on_commit is None:
             return
+        total, target = self.s.totals()
         base = self.last or Snapshot(
-            done=self.s.total - self.s.session_target if not self.s.retry_errors_only
-            else self.s.total, total=self.s.total, session_done=0,
+            done=total - target if not self.s.retry_errors_only else total, total=total,
+            session_done=0,
             concurrency=self._concurrency() if self._concurrency else None)
         self._on_commit(replace(base, **({"waiting_until": None, "waiting_for": None}
                                          | self._waiting_fields())))
