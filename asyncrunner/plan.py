@@ -53,6 +53,7 @@ from asyncrunner.db.experiments import (
 from asyncrunner.db.ingest import (
     IngestReport,
     PriorLoad,
+    check_csv,
     count_placeholder_texts,
     ingest,
     placeholder_set,
@@ -242,7 +243,8 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
     assert d.config is not None
     cfg = d.config
     path = resolve_data_path(cfg)
-    checked = checksums.checksum(conn, path)
+    beside = load_beside and loading.can_load_beside(cfg, path)
+    checked, validated = _data_checksum(conn, cfg, path, beside)
     checksum = checked.checksum
     prior = tuple(prior_versions(conn, path, checksum))
     if prior and stored_ingest(conn, checksum) is None:
@@ -251,8 +253,9 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
                                                                        prior[0], checksum))
     background: loading.BackgroundLoad | None = None
     feed: LoadFeed | None = None
-    if load_beside and loading.can_load_beside(cfg, path):
-        begun = loading.start(conn, cfg.data, path, checksum, cfg.run.max_narratives)
+    if beside:
+        begun = loading.start(conn, cfg.data, path, checksum, cfg.run.max_narratives,
+                              checked=validated)
         if isinstance(begun, loading.BackgroundLoad):
             background, report = begun, begun.report
             feed = LoadFeed(begun.progress, cfg.run.max_narratives)
@@ -279,6 +282,27 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
         total=total, target=total, ingest=report, prior_loads=prior,
         warnings=tuple(warnings), sample_keys=keys, data_file=checked,
         background=background, feed=feed)
+
+
+def _data_checksum(conn: sqlite3.Connection, cfg: Config, path: Path,
+                   beside: bool) -> tuple[checksums.Checked, bool]:
+    """The data file's checksum, and whether the file was checked (check_csv) while it
+    was read: a CSV to load beside the run is checked and hashed in one pass unless its
+    checksum is remembered. A file the check refuses is hashed plainly: it may be loaded
+    already (by the R version, under other rules), and if not, its load refuses it."""
+    if not beside:
+        return checksums.checksum(conn, path), False
+    read: list[str] = []
+
+    def check_and_hash(p: Path) -> str:
+        read.append(check_csv(cfg.data, p))
+        return read[-1]
+
+    try:
+        checked = checksums.checksum(conn, path, read=check_and_hash)
+    except InputError:
+        return checksums.checksum(conn, path), False
+    return checked, bool(read)     # remembered: the file was not read, nor checked
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:

@@ -26,7 +26,7 @@ from conftest import ROOT, cli_env, run_cli, write_config, write_fixture_csv
 from fake_llm import FakeLLM, experiment_row
 
 from asyncrunner.config import load_config
-from asyncrunner.db import loading
+from asyncrunner.db import checksums, loading
 from asyncrunner.db.ingest import ORIGIN_LOADING, file_checksum, ingest
 from asyncrunner.db.schema import connect
 from asyncrunner.errors import InputError, Stopped
@@ -298,3 +298,21 @@ def test_an_unfinished_load_that_does_not_match_the_file_is_refused(
         with pytest.raises(InputError, match="its unfinished load does not match"):
             ingest(conn, cfg.data, data, checksum=checksum)
     assert contents(db) == before and origin(db) == ORIGIN_LOADING
+
+
+def test_a_new_csv_is_checked_and_hashed_in_one_reading(
+        tmp_path: Path, small_steps: None, console: io.StringIO,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the run starts the file is read once: the check that refuses bad content
+    computes the checksum too (no second pass only to hash it)."""
+    data = write_fixture_csv(tmp_path / "cases.csv", rows(40))
+    cfg = write_config(tmp_path, data, "http://llm.invalid/v1", workers=2, batch_size=4)
+
+    def not_read(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed in a pass of its own")
+
+    monkeypatch.setattr(checksums, "readable_checksum", not_read)
+    summary = start(tmp_path / "runs.db", cfg, FakeLLM())
+    assert summary.status is Status.COMPLETED
+    assert experiment_row(tmp_path / "runs.db", summary.experiment_id)["data_checksum"] \
+        == file_checksum(data)

@@ -57,9 +57,11 @@ class Checked:
 
 
 def checksum(conn: sqlite3.Connection, path: Path,
-             clock: Callable[[], float] = time.time) -> Checked:
+             clock: Callable[[], float] = time.time,
+             read: Callable[[Path], str] = readable_checksum) -> Checked:
     """The MD5 of `path`: remembered, when its identity is the one recorded with it;
-    otherwise read (an unreadable file is an InputError, one line)."""
+    otherwise `read` (an unreadable file is an InputError, one line; a reading that checks
+    the file as it hashes it may refuse it too)."""
     resolved = str(Path(path).resolve())
     before = Identity.of(path)
     row = conn.execute(
@@ -68,7 +70,7 @@ def checksum(conn: sqlite3.Connection, path: Path,
     if row is not None and Identity(*row[1:]) == before:
         return Checked(resolved, row[0])
     started_ns = int(clock() * 1e9)
-    digest = readable_checksum(path)
+    digest = read(path)
     settled = started_ns - int(SETTLED_S * 1e9)
     trusted = (Identity.of(path) == before and before.mtime_ns < settled
                and before.ctime_ns < settled)

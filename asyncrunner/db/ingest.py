@@ -233,11 +233,12 @@ def read_digests(data: DataSection, path: Path) -> Digests:
     return counts.digests()
 
 
-def check_csv(data: DataSection, path: Path, checksum: str) -> None:
+def check_csv(data: DataSection, path: Path) -> str:
     """Everything that can refuse a CSV, without loading it: the header, every label of
-    every row with an id, the file's encoding and quoting, and that its bytes are still
-    `checksum`'s. A load started after this can only fail on the disk or the database,
-    never on the file's content halfway (db/loading.py loads beside a running run)."""
+    every row with an id, the file's encoding and quoting; returns the MD5 of the bytes it
+    read (the file's checksum, read once for both). A load of those bytes can then only
+    fail on the disk or the database, never on the file's content halfway (db/loading.py
+    loads beside a running run)."""
     path = Path(path)
     read = hashlib.md5(usedforsecurity=False)
     with closing(_csv_rows(path, read)) as rows:
@@ -253,8 +254,7 @@ def check_csv(data: DataSection, path: Path, checksum: str) -> None:
             for name, at in labels:
                 if at < len(row) and row[at] not in quick:
                     _label(row[at], number, name, path)
-    if read.hexdigest() != checksum:
-        raise InputError(f"data file {path} changed while it was being read; run again")
+    return read.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from asyncrunner.db.ingest import (
 )
 from asyncrunner.db.schema import BUSY_TIMEOUT_MS, configure, transaction
 from asyncrunner.db.store import set_cutoff
+from asyncrunner.errors import InputError
 
 # Narratives per step: a step is one transaction, holding the write lock meanwhile, and
 # the producer sees its rows only once it commits.
@@ -60,16 +61,18 @@ def can_load_beside(cfg: Config, path: Path) -> bool:
 
 
 def start(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str,
-          max_narratives: int | None) -> IngestReport | BackgroundLoad:
+          max_narratives: int | None, *, checked: bool = False) -> IngestReport | BackgroundLoad:
     """The file's load: done (already stored, or small enough to finish in the first
-    step), or begun, with at least one narrative or the whole file committed."""
+    step), or begun, with at least one narrative or the whole file committed. `checked`:
+    `check_csv` passed on these bytes already (it hashed them)."""
     path = Path(path)
     mapping = mapping_json(data)
     if conn.execute("SELECT 1 FROM ingests WHERE data_checksum = ? UNION ALL "
                     "SELECT 1 FROM source_narratives WHERE data_checksum = ? LIMIT 1",
                     (checksum, checksum)).fetchone():
         return ingest(conn, data, path, checksum=checksum)   # stored, or to finish first
-    check_csv(data, path, checksum)
+    if not checked and check_csv(data, path) != checksum:
+        raise InputError(f"data file {path} changed while it was being read; run again")
     loader = Loader(data, path, checksum)
     try:
         with transaction(conn):
