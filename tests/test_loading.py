@@ -107,6 +107,15 @@ def run_log(tmp_path: Path, experiment_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def run_on(tmp_path: Path, n_cases: int, **run: Any) -> tuple[Path, Path, RunSummary]:
+    """A new experiment on a CSV of `n_cases` cases, run to its end: (db, config, summary)."""
+    data = write_fixture_csv(tmp_path / "cases.csv", rows(n_cases))
+    cfg = write_config(tmp_path, data, "http://llm.invalid/v1", **{"workers": 4,
+                                                                  "batch_size": 4} | run)
+    db = tmp_path / "runs.db"
+    return db, cfg, start(db, cfg, FakeLLM())
+
+
 def origin(db: Path) -> str | None:
     with closing(sqlite3.connect(db)) as conn:
         row = conn.execute("SELECT origin FROM ingests").fetchone()
@@ -115,11 +124,8 @@ def origin(db: Path) -> str | None:
 
 def test_a_run_starts_on_the_first_step_and_ends_with_the_whole_file(
         tmp_path: Path, small_steps: None, console: io.StringIO) -> None:
-    data = write_fixture_csv(tmp_path / "cases.csv", rows(100))
-    cfg = write_config(tmp_path, data, "http://llm.invalid/v1", workers=4, batch_size=4,
-                       commit_interval_s=0.05)
-    db = tmp_path / "runs.db"
-    summary = start(db, cfg, FakeLLM())
+    db, cfg, summary = run_on(tmp_path, 100, commit_interval_s=0.05)
+    data = tmp_path / "cases.csv"
     whole = loaded_whole(tmp_path, cfg)
     assert contents(db) == whole and whole["ingests"][0][-1] is None
     total = whole["ingests"][0][4]
@@ -141,11 +147,7 @@ def test_a_run_starts_on_the_first_step_and_ends_with_the_whole_file(
 
 def test_max_narratives_are_the_first_ones_of_a_file_still_loading(
         tmp_path: Path, small_steps: None, console: io.StringIO) -> None:
-    data = write_fixture_csv(tmp_path / "cases.csv", rows(60))
-    cfg = write_config(tmp_path, data, "http://llm.invalid/v1", workers=4, batch_size=4,
-                       max_narratives=10)
-    db = tmp_path / "runs.db"
-    summary = start(db, cfg, FakeLLM())
+    db, cfg, summary = run_on(tmp_path, 60, max_narratives=10)
     assert summary.status is Status.COMPLETED
     first_ten = sorted((r[0], r[1]) for r in loaded_whole(tmp_path, cfg)["narratives"][:10])
     assert results(db, summary.experiment_id) == first_ten
@@ -305,14 +307,11 @@ def test_a_new_csv_is_checked_and_hashed_in_one_reading(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the run starts the file is read once: the check that refuses bad content
     computes the checksum too (no second pass only to hash it)."""
-    data = write_fixture_csv(tmp_path / "cases.csv", rows(40))
-    cfg = write_config(tmp_path, data, "http://llm.invalid/v1", workers=2, batch_size=4)
-
     def not_read(path: Path) -> str:
         raise AssertionError(f"{path} was hashed in a pass of its own")
 
     monkeypatch.setattr(checksums, "readable_checksum", not_read)
-    summary = start(tmp_path / "runs.db", cfg, FakeLLM())
+    db, _, summary = run_on(tmp_path, 40, workers=2)
     assert summary.status is Status.COMPLETED
-    assert experiment_row(tmp_path / "runs.db", summary.experiment_id)["data_checksum"] \
-        == file_checksum(data)
+    assert experiment_row(db, summary.experiment_id)["data_checksum"] \
+        == file_checksum(tmp_path / "cases.csv")

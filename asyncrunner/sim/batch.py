@@ -243,12 +243,15 @@ class BatchApi:
             return _not_found(f"no such batch: {batch_id[:100]}")
         self._advance(batch, time.monotonic())
         if batch.status is None:
-            self._end(batch, "cancelled", self._answered_by(batch, time.monotonic()))
+            self._end(batch, "cancelled",
+                      self._answered_by(batch, time.monotonic() - batch.started))
         return json_response(200, self._view(batch))
 
-    def _answered_by(self, batch: _Batch, now: float) -> int:
+    def _answered_by(self, batch: _Batch, age: float) -> int:
+        """Lines answered at this age: a share of them, the batch's age over its delay.
+        An age, not a clock reading: (started + expire_after) - started need not be
+        expire_after in floating point, and one line more or less must not depend on it."""
         delay = batch.options.delay_s
-        age = now - batch.started
         if age >= delay:
             return len(batch.lines)
         return int(len(batch.lines) * age / delay)
@@ -264,8 +267,7 @@ class BatchApi:
         age = now - batch.started
         if opts.expire_after_s is not None and opts.expire_after_s < opts.delay_s \
                 and age >= opts.expire_after_s:
-            self._end(batch, "expired", self._answered_by(batch, batch.started
-                                                           + opts.expire_after_s))
+            self._end(batch, "expired", self._answered_by(batch, opts.expire_after_s))
         elif age >= opts.delay_s:
             self._end(batch, "completed", len(batch.lines))
         else:
@@ -301,8 +303,8 @@ class BatchApi:
     def _view(self, batch: _Batch) -> dict[str, Any]:
         now = time.monotonic()
         status = self._advance(batch, now)
-        answered = batch.answered if batch.status is not None else self._answered_by(batch,
-                                                                                    now)
+        answered = (batch.answered if batch.status is not None
+                    else self._answered_by(batch, now - batch.started))
         done = batch.lines[:answered]
         ok = sum(1 for line in done if line.answer is not None and line.answer[0] == 200)
         failed = len(done) - ok
