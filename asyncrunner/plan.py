@@ -265,7 +265,7 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
         report = ingest(conn, cfg.data, path, checksum=checksum)
     warnings = list(_ingest_warnings(conn, cfg, report))
     if feed is not None:
-        cutoff, total = feed.cutoff, feed.total
+        cutoff, total = feed.progress.cutoff, feed.total
     else:
         cutoff = store.set_cutoff(conn, report.data_checksum, cfg.run.max_narratives)
         total = store.count_set(conn, report.data_checksum, cutoff)
@@ -292,17 +292,11 @@ def _data_checksum(conn: sqlite3.Connection, cfg: Config, path: Path,
     already (by the R version, under other rules), and if not, its load refuses it."""
     if not beside:
         return checksums.checksum(conn, path), False
-    read: list[str] = []
-
-    def check_and_hash(p: Path) -> str:
-        read.append(check_csv(cfg.data, p))
-        return read[-1]
-
     try:
-        checked = checksums.checksum(conn, path, read=check_and_hash)
+        checked = checksums.checksum(conn, path, read=lambda p: check_csv(cfg.data, p))
     except InputError:
         return checksums.checksum(conn, path), False
-    return checked, bool(read)     # remembered: the file was not read, nor checked
+    return checked, checked.was_read     # remembered: the file was not read, nor checked
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:

@@ -366,8 +366,7 @@ def _record_resume(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> 
     if plan.previous_status is Status.COMPLETED:
         experiments.archive_metrics(conn, experiment_id, session_id)
     if plan.finished_load:       # stopped while its file was loading: now it is whole
-        conn.execute("UPDATE experiments SET n_narratives_total = ? WHERE experiment_id = ?",
-                     (plan.total, experiment_id))
+        experiments.set_total(conn, experiment_id, plan.total)
     experiments.set_status(conn, experiment_id, Status.RUNNING)
 
 
@@ -405,40 +404,37 @@ def _log_data(conn: sqlite3.Connection, plan: RunPlan) -> None:
             f"{plan.background.progress.n_narratives} narratives are in"), checksum=checksum)
     elif plan.is_new:
         assert plan.ingest is not None
-        report = plan.ingest
-        for line in file_change_lines(report, plan.prior_loads):
-            log.warning("data_file_changed", message=line)
-        log.info("ingest", message=(
-            f"data {plan.config.data.file}: {report.n_narratives} narratives"
-            + ("" if report.loaded else " (already in the database; file not re-read)")
-            + f"; {lost}"), checksum=checksum, dropped=summary)
-        for line in drops.warnings(summary):
-            log.warning("dropped_warning", message=line)
+        _log_ingest(plan, plan.ingest, summary)
     else:
         log.info("ingest", message=f"data {plan.config.data.file} (checksum {checksum}); "
                  f"{lost}", checksum=checksum, dropped=summary)
 
 
-def _log_loaded(conn: sqlite3.Connection, plan: RunPlan, report: IngestReport) -> None:
-    """The data file loaded beside the run has been committed whole: the `ingest` event
-    other runs log at their start, and what changed since the file's last version."""
-    summary = drops.drop_summary(conn, report.data_checksum)
+def _log_ingest(plan: RunPlan, report: IngestReport, summary: dict[str, Any] | None) -> None:
+    """A new experiment's `ingest` event (`summary`: db/drops.py's), with what changed
+    since the file's last version and the warnings about what it lost."""
     for line in file_change_lines(report, plan.prior_loads):
         log.warning("data_file_changed", message=line)
     log.info("ingest", message=(
-        f"data {plan.config.data.file}: {report.n_narratives} narratives; not sent to the "
-        f"model: {drops.describe(summary)[0]}"), checksum=report.data_checksum,
-        dropped=summary)
+        f"data {plan.config.data.file}: {report.n_narratives} narratives"
+        + ("" if report.loaded else " (already in the database; file not re-read)")
+        + "; not sent to the model: " + drops.describe(summary)[0]),
+        checksum=report.data_checksum, dropped=summary)
     for line in drops.warnings(summary):
         log.warning("dropped_warning", message=line)
+
+
+def _log_loaded(conn: sqlite3.Connection, plan: RunPlan, report: IngestReport) -> None:
+    """The data file loaded beside the run has been committed whole: the `ingest` event
+    other runs log at their start, once its counts are final."""
+    _log_ingest(plan, report, drops.drop_summary(conn, report.data_checksum))
 
 
 def _settle_total(conn: sqlite3.Connection, plan: RunPlan, session_id: str) -> None:
     """The experiment's size once its data file is loaded whole (the writer's commits
     carried it so far), and the session's target with it."""
     with transaction(conn):
-        conn.execute("UPDATE experiments SET n_narratives_total = ? WHERE experiment_id = ?",
-                     (plan.total_now, plan.experiment_id))
+        experiments.set_total(conn, plan.experiment_id, plan.total_now)
         conn.execute("UPDATE sessions SET target = ? WHERE session_id = ?",
                      (plan.total_now, session_id))
 

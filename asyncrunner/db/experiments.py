@@ -91,6 +91,13 @@ def _current(conn: sqlite3.Connection, experiment_id: str) -> Status | None:
         return None
 
 
+def set_total(conn: sqlite3.Connection, experiment_id: str, n_total: int) -> None:
+    """The experiment's size, once known: its data file was still loading when it began
+    (db/loading.py) and has been loaded whole since."""
+    conn.execute("UPDATE experiments SET n_narratives_total = ? WHERE experiment_id = ?",
+                 (n_total, experiment_id))
+
+
 def set_status(conn: sqlite3.Connection, experiment_id: str, status: Status,
                reason: str | None = None) -> None:
     """Move the experiment to `status` (ending it sets end_time; running clears it)."""

@@ -310,7 +310,7 @@ def _load(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
     with closing(Loader(data, path, checksum, after=after)) as loader:
         while not loader.finished:
             loader.step(conn)
-        loader.record(conn, mapping, replace=after is not None)
+        loader.record(conn, mapping)
         return loader.report()
 
 
@@ -374,18 +374,17 @@ class Loader:
         parsed = (self._read.hexdigest() if self.path.suffix.lower() == ".csv"
                   else readable_checksum(self.path))
         if parsed != self.checksum:
-            raise InputError(f"data file {self.path} changed while it was being read; "
-                             "run again")
+            raise changed_while_read(self.path)
         self.finished = True
 
     def close(self) -> None:
         self._rows.close()
 
-    def record(self, conn: sqlite3.Connection, mapping: str, *, origin: str | None = None,
-               replace: bool = False) -> None:
+    def record(self, conn: sqlite3.Connection, mapping: str, *,
+               origin: str | None = None) -> None:
         """The `ingests` row: this load's counts so far (final once finished), under
-        `origin` (None: an ordinary finished load). `replace`: the row exists already
-        (an unfinished load's)."""
+        `origin` (None: an ordinary finished load); an unfinished load's row is updated
+        (one row per checksum and mapping: uq_ingest)."""
         c, digests = self.counts, self.counts.digests()
         values = {
             "checksum": self.checksum, "mapping": mapping, "source": str(self.path),
@@ -395,21 +394,16 @@ class Loader:
             "rows_digest": digests.rows_digest, "content_digest": digests.content_digest,
             "path": str(self.path.resolve()), "origin": origin,
         }
-        if replace:
-            conn.execute(
-                "UPDATE ingests SET n_rows = :n_rows, n_narratives = :n_narratives, "
-                "n_blank = :n_blank, n_duplicates = :n_duplicates, "
-                "n_placeholder = :n_placeholder, n_no_id = :n_no_id, "
-                "rows_digest = :rows_digest, content_digest = :content_digest, "
-                "origin = :origin WHERE data_checksum = :checksum AND mapping_json = :mapping",
-                values)
-            return
         conn.execute(
             "INSERT INTO ingests (data_checksum, mapping_json, data_source, n_rows, "
             "n_narratives, n_blank, n_duplicates, loaded_at, n_placeholder, n_no_id, "
             "rows_digest, content_digest, data_path, origin) VALUES (:checksum, :mapping, "
             ":source, :n_rows, :n_narratives, :n_blank, :n_duplicates, :loaded_at, "
-            ":n_placeholder, :n_no_id, :rows_digest, :content_digest, :path, :origin)",
+            ":n_placeholder, :n_no_id, :rows_digest, :content_digest, :path, :origin) "
+            "ON CONFLICT (data_checksum, mapping_json) DO UPDATE SET n_rows = :n_rows, "
+            "n_narratives = :n_narratives, n_blank = :n_blank, n_duplicates = :n_duplicates, "
+            "n_placeholder = :n_placeholder, n_no_id = :n_no_id, "
+            "rows_digest = :rows_digest, content_digest = :content_digest, origin = :origin",
             values)
 
     def report(self) -> IngestReport:
@@ -417,6 +411,12 @@ class Loader:
         return IngestReport(str(self.path), self.checksum, True, c.n_rows, c.n_narratives,
                             c.n_blank, c.n_duplicates, c.n_placeholder, c.n_no_id,
                             digests.rows_digest, digests.content_digest, self.loaded_at)
+
+
+def changed_while_read(path: Path) -> InputError:
+    """The file's bytes are not the ones hashed: rows read from them would sit under a
+    checksum they do not belong to."""
+    return InputError(f"data file {path} changed while it was being read; run again")
 
 
 def unfinished_load(conn: sqlite3.Connection, checksum: str) -> bool:

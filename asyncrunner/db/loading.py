@@ -28,13 +28,13 @@ from asyncrunner.db.ingest import (
     ORIGIN_LOADING,
     IngestReport,
     Loader,
+    changed_while_read,
     check_csv,
     ingest,
     mapping_json,
 )
 from asyncrunner.db.schema import BUSY_TIMEOUT_MS, configure, transaction
 from asyncrunner.db.store import set_cutoff
-from asyncrunner.errors import InputError
 
 # Narratives per step: a step is one transaction, holding the write lock meanwhile, and
 # the producer sees its rows only once it commits.
@@ -72,7 +72,7 @@ def start(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str
                     (checksum, checksum)).fetchone():
         return ingest(conn, data, path, checksum=checksum)   # stored, or to finish first
     if not checked and check_csv(data, path) != checksum:
-        raise InputError(f"data file {path} changed while it was being read; run again")
+        raise changed_while_read(path)
     loader = Loader(data, path, checksum)
     try:
         with transaction(conn):
@@ -123,7 +123,7 @@ class BackgroundLoad:
                 self.progress = _progress(conn, loader.checksum, n, True, self.limit)
             else:
                 loader.step(conn, STEP_NARRATIVES)
-                loader.record(conn, self.mapping, replace=True,
+                loader.record(conn, self.mapping,
                               origin=None if loader.finished else ORIGIN_LOADING)
                 self.progress = _progress(conn, loader.checksum, loader.counts.n_narratives,
                                           loader.finished, self.limit, self.progress.cutoff)

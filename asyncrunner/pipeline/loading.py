@@ -23,31 +23,33 @@ class LoadFeed:
 
     def __init__(self, progress: Progress, max_narratives: int | None) -> None:
         self.limit = max_narratives
-        self.n_loaded, self.upto, self.finished = (progress.n_narratives, progress.upto,
-                                                   progress.finished)
-        self.cutoff = progress.cutoff     # the experiment's last narrative_id, once known
+        self.progress = progress
         self.version = 0
         self._changed: anyio.Event | None = None
 
     @property
+    def finished(self) -> bool:
+        return self.progress.finished
+
+    @property
     def total(self) -> int:
         """Narratives in the experiment so far (final once `complete`)."""
-        return self.n_loaded if self.limit is None else min(self.n_loaded, self.limit)
+        n = self.progress.n_narratives
+        return n if self.limit is None else min(n, self.limit)
 
     @property
     def complete(self) -> bool:
         """No narrative of the experiment is still to come."""
-        return self.finished or self.cutoff is not None
+        return self.progress.finished or self.progress.cutoff is not None
 
     @property
     def bound(self) -> int:
         """The highest narrative_id of the experiment the producer may read now."""
-        return self.cutoff if self.cutoff is not None else self.upto
+        p = self.progress
+        return p.cutoff if p.cutoff is not None else p.upto
 
     def advance(self, progress: Progress) -> None:
-        self.n_loaded, self.upto, self.finished = (progress.n_narratives, progress.upto,
-                                                   progress.finished)
-        self.cutoff = progress.cutoff
+        self.progress = progress
         self.version += 1
         if self._changed is not None:
             self._changed.set()
@@ -63,13 +65,10 @@ class LoadFeed:
 
 async def keep_loading(load: BackgroundLoad, feed: LoadFeed, db_path: str | Path,
                        on_loaded: Callable[[IngestReport], None] | None = None) -> None:
-    """Commit the rest of the load, step by step. `on_loaded`: the final report."""
-    try:
-        while not feed.finished:
-            # Not abandoned on cancel: the step in hand commits or rolls back whole first.
-            feed.advance(await anyio.to_thread.run_sync(load.step, db_path))
-    finally:
-        if not feed.finished:
-            load.close()
+    """Commit the rest of the load, step by step (a load stopped halfway is closed by the
+    session that began it). `on_loaded`: the final report."""
+    while not feed.finished:
+        # Not abandoned on cancel: the step in hand commits or rolls back whole first.
+        feed.advance(await anyio.to_thread.run_sync(load.step, db_path))
     if on_loaded is not None:
         on_loaded(load.report)
