@@ -6,7 +6,6 @@ import csv
 import hashlib
 import re
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -435,13 +434,12 @@ def test_csv_hashed_as_parsed_matches_the_file_checksum(tmp_path: Path) -> None:
     assert hashing.hexdigest() == ingest_mod.file_checksum(path)
 
 
-def test_42000_narratives_fast(conn: sqlite3.Connection, tmp_path: Path) -> None:
+def test_42000_narratives(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    """A file of the size of the study's. How long it takes is bin/bench's to measure
+    (--scale), not a test's: only what is stored is asserted here."""
     rows = [[f"{i:06d}", f"LE narrative {i} " * 20, f"CME narrative {i} " * 20,
              i % 2, "yes" if i % 3 else "no", ""] for i in range(21_000)]
     path = write_csv(tmp_path / "big.csv", rows)
-    started = time.perf_counter()
     report = ingest(conn, DataSection(), path)
-    elapsed = time.perf_counter() - started
     assert report.n_narratives == 42_000 and report.n_rows == 21_000
     assert count(conn, "source_narratives") == 42_000
-    assert elapsed < 5, f"ingest took {elapsed:.1f}s"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,7 +174,7 @@ def test_mcnemar_exact_hand_computed() -> None:
     assert (none.chi2, none.p_chi2, none.p, none.method) == (None, None, 1.0, METHOD_EXACT)
 
 
-def test_mcnemar_exact_is_stats_and_fast_for_large_counts() -> None:
+def test_mcnemar_exact_is_stats_for_large_counts() -> None:
     from asyncrunner.results import stats
 
     def integer_tail(b: int, c: int) -> float:  # the formula metrics used before stats.py
@@ -185,9 +184,7 @@ def test_mcnemar_exact_is_stats_and_fast_for_large_counts() -> None:
     for b, c in [(0, 0), (0, 5), (2, 8), (10, 2), (100, 130), (1000, 1100), (2500, 2400)]:
         assert mcnemar_exact(b, c) == stats.mcnemar_exact(b, c)
         assert abs(mcnemar_exact(b, c) - integer_tail(b, c)) <= 1e-12
-    started = time.perf_counter()
     p = mcnemar_exact(40_000, 41_000)
-    assert time.perf_counter() - started < 1.0  # the integer formula took many seconds
     assert p == stats.mcnemar_exact(40_000, 41_000) and 0.0 < p < 1e-3
     assert mcnemar_test(40_000, 41_000).p_exact == p
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 from hypothesis import given
@@ -223,11 +222,8 @@ def test_mcnemar_log_space_path_matches_exact_integers() -> None:
     assert mcnemar_exact(b, c) == pytest.approx(2 * total / 2**n, rel=1e-9)
 
 
-def test_mcnemar_exact_is_fast_and_close_to_normal_for_large_counts() -> None:
-    start = time.perf_counter()
+def test_mcnemar_exact_is_close_to_normal_for_large_counts() -> None:
     p = mcnemar_exact(40_000, 41_000)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.05
     assert 0.0 < p < 1.0
     # Continuity-corrected normal approximation: z = (1000 - 1) / sqrt(81000) = 3.51.
     z = (1000 - 1) / math.sqrt(81_000)
