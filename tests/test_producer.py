@@ -1,5 +1,5 @@
 """produce() in-process against a real SQLite file: narrative_id order across pages, the
-anti-join on stored results, the cutoff, retry-errors-only, closing the stream, and leaving
+anti-join on stored results, the cutoff, retry-errors-only, ending the hand-out, and leaving
 cleanly (no open connection, no read transaction) however the consumer ends."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import ObjectReceiveStream
 from pipeline_helpers import (
     CHECKSUM,
     EXPERIMENT_ID,
@@ -25,10 +24,11 @@ from pipeline_helpers import (
 )
 
 from asyncrunner.db.schema import connect
+from asyncrunner.pipeline.handout import Handout
 from asyncrunner.pipeline.messages import Narrative
 from asyncrunner.pipeline.producer import FirstPage, WorkSelection, produce
 
-Consume = Callable[[ObjectReceiveStream[Narrative]], Awaitable[list[Narrative]]]
+Consume = Callable[[Handout], Awaitable[list[Narrative]]]
 
 
 def selection(*, cutoff: int | None = None, retry: bool = False) -> WorkSelection:
@@ -36,24 +36,24 @@ def selection(*, cutoff: int | None = None, retry: bool = False) -> WorkSelectio
                          retry_errors_only=retry)
 
 
-async def drain(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
-    async with recv:
-        return [n async for n in recv]
+async def drain(handout: Handout) -> list[Narrative]:
+    async with handout:
+        return [n async for n in handout]
 
 
 async def run_producer(path: Path, work: WorkSelection, consume: Consume = drain, *,
                        page_size: int = 3, first: FirstPage | None = None) -> list[Narrative]:
-    """produce() into an unbuffered stream (as in the pipeline), consumed by `consume`."""
-    send, recv = anyio.create_memory_object_stream[Narrative]()
+    """produce() into a hand-out refilled only once it is empty, consumed by `consume`."""
+    handout = Handout()
     received: list[Narrative] = []
 
     async def consumer() -> None:
-        received.extend(await consume(recv))
+        received.extend(await consume(handout))
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(consumer)
-            await produce(path, work, send, page_size=page_size, first=first)
+            await produce(path, work, handout, page_size=page_size, first=first)
     return received
 
 
@@ -122,57 +122,57 @@ async def test_each_page_is_a_fresh_read(db: Path) -> None:
     and no read transaction is held in between: a full WAL checkpoint succeeds."""
     checkpoints: list[int] = []
 
-    async def consume(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
-        async with recv:
-            first = await recv.receive()            # page 1 (0, 1, 2) has been read
+    async def consume(handout: Handout) -> list[Narrative]:
+        async with handout:
+            first = await handout.take()            # page 1 (0, 1, 2) has been read
             add_result_rows(db, [2, 7])             # 2 is in the page read, 7 is not
             with closing(connect(db)) as conn:
                 busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 checkpoints.append(busy)
-            return [first, *[n async for n in recv]]
+            return [first, *[n async for n in handout]]
 
     got = await run_producer(db, selection(), consume, page_size=3)
     assert numbers(got) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
     assert checkpoints == [0]                      # busy = 0: no reader pins the WAL
 
 
-async def test_nothing_to_do_closes_the_stream_at_once(db: Path) -> None:
+async def test_nothing_to_do_ends_the_handout_at_once(db: Path) -> None:
     add_result_rows(db, range(10))
     assert await run_producer(db, selection()) == []
     assert await run_producer(db, selection(retry=True)) == []
 
 
 async def test_the_consumer_sees_end_of_stream(db: Path) -> None:
-    send, recv = anyio.create_memory_object_stream[Narrative](20)
+    """A normal end leaves what was put in to be taken, then says so."""
+    handout = Handout(low=20)
     with anyio.fail_after(5):
-        await produce(db, selection(cutoff=None), send, page_size=4)
-    with recv:
-        assert len([recv.receive_nowait() for _ in range(10)]) == 10
-        with pytest.raises(anyio.EndOfStream):
-            recv.receive_nowait()
+        await produce(db, selection(cutoff=None), handout, page_size=4)
+    assert len([handout.take_nowait() for _ in range(10)]) == 10
+    with pytest.raises(anyio.EndOfStream):
+        handout.take_nowait()
     with pytest.raises(anyio.ClosedResourceError):
-        send.send_nowait(Narrative(0, "x", "t", "", None, None))
+        handout.put([(0, "x", "t", "", None, None)])
     assert aiosqlite_threads() == []
 
 
 async def test_cancelled_while_waiting_for_a_consumer_leaves_cleanly(db: Path) -> None:
-    send, recv = anyio.create_memory_object_stream[Narrative]()
-    with recv:
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(produce, db, selection(), send)
-                assert (await recv.receive()).incident_id == incident(0)
-                await anyio.wait_all_tasks_blocked()   # the producer waits on its next send
-                tg.cancel_scope.cancel()
-        with pytest.raises(anyio.EndOfStream):
-            recv.receive_nowait()                      # the send end was closed
+    """A stop drops what was not taken: it was never started, and stays remaining."""
+    handout = Handout()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce, db, selection(), handout)
+            assert (await handout.take()).incident_id == incident(0)
+            await anyio.wait_all_tasks_blocked()   # the producer waits for room
+            tg.cancel_scope.cancel()
+    with pytest.raises(anyio.EndOfStream):
+        handout.take_nowait()                      # nine rows were left: dropped
     assert aiosqlite_threads() == []
 
 
 async def test_a_consumer_that_stops_early_does_not_leave_the_producer_hanging(db: Path) -> None:
-    async def take_two(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
-        async with recv:
-            return [await recv.receive(), await recv.receive()]
+    async def take_two(handout: Handout) -> list[Narrative]:
+        async with handout:
+            return [await handout.take(), await handout.take()]
 
     with pytest.RaisesGroup(anyio.BrokenResourceError):   # produce() raises, it does not hang
         await run_producer(db, selection(), take_two)
@@ -217,7 +217,7 @@ async def test_a_first_page_read_ahead_gives_the_same_narratives(db: Path,
 
 async def test_a_first_page_that_cannot_be_read_fails_the_producer(tmp_path: Path) -> None:
     """A read error on the read-ahead thread is the producer's error, raised once the
-    producer takes the page, and the stream still closes (idle workers can leave)."""
+    producer takes the page, and the hand-out still ends (idle workers can leave)."""
     empty = tmp_path / "not-a-results-db.sqlite"
     with closing(connect(empty, migrate_schema=False)):
         pass
@@ -225,8 +225,8 @@ async def test_a_first_page_that_cannot_be_read_fails_the_producer(tmp_path: Pat
     ahead.wait()
     seen: list[list[Narrative]] = []
 
-    async def watch(recv: ObjectReceiveStream[Narrative]) -> list[Narrative]:
-        seen.append(await drain(recv))
+    async def watch(handout: Handout) -> list[Narrative]:
+        seen.append(await drain(handout))
         return seen[-1]
 
     with pytest.raises(ExceptionGroup) as failed:

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from asyncrunner.llm.client import ClientSettings, Completion, LLMClient, RequestFailure
 from asyncrunner.llm.parsing import resample_seed
 from asyncrunner.llm.throttle import AdaptiveLimiter
+from asyncrunner.pipeline.handout import Handout
 from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.pipeline.workers import Prompt, classify, to_result, worker
 from asyncrunner.vocab import ErrorCategory
@@ -243,17 +244,23 @@ def test_to_result_maps_a_failure_and_a_completion() -> None:
 # --- worker: the stream loop ---------------------------------------------------------------
 
 
+def rows(narratives: list[Narrative]) -> list[tuple[object, ...]]:
+    return [(n.narrative_id, n.incident_id, n.narrative_type, n.text, n.manual_flag_ind,
+             n.manual_flag) for n in narratives]
+
+
 async def run_workers(client: LLMClient, narratives: list[Narrative], workers: int) -> list[Result]:
-    n_send, n_recv = anyio.create_memory_object_stream[Narrative]()
+    handout = Handout()
     r_send, r_recv = anyio.create_memory_object_stream[Result](len(narratives))
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            async with n_recv, r_send:
+            async with r_send:
                 for _ in range(workers):
-                    tg.start_soon(worker, client, PROMPT, n_recv.clone(), r_send.clone())
-            async with n_send:
-                for n in narratives:
-                    await n_send.send(n)
+                    tg.start_soon(worker, client, PROMPT, handout, r_send.clone())
+            for row in rows(narratives):      # one at a time, each put once a worker waits
+                await anyio.wait_all_tasks_blocked()
+                handout.put([row])
+            handout.end()
     async with r_recv:
         return [r async for r in r_recv]     # ends: every worker closed its results clone
 
@@ -286,12 +293,12 @@ def hanging(started: anyio.Event) -> Handler:
 async def cancel_in_flight(client: LLMClient, started: anyio.Event) -> list[Result]:
     """One worker, one narrative; cancel the worker while its request is in flight. Return
     what reached the results stream (draining it ends at once: the worker closed its end)."""
-    n_send, n_recv = anyio.create_memory_object_stream[Narrative](1)
+    handout = Handout()
     r_send, r_recv = anyio.create_memory_object_stream[Result](1)
-    with anyio.fail_after(5), n_send:
+    with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker, client, PROMPT, n_recv, r_send)
-            await n_send.send(make_narrative(1))
+            tg.start_soon(worker, client, PROMPT, handout, r_send)
+            handout.put(rows([make_narrative(1)]))
             await started.wait()
             tg.cancel_scope.cancel()
     with anyio.fail_after(1):

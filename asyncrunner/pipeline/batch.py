@@ -79,8 +79,8 @@ from asyncrunner.pipeline.batch_results import (
     batch_narratives,
     store_results,
 )
-from asyncrunner.pipeline.messages import Narrative
-from asyncrunner.pipeline.producer import PAGE_SIZE, produce
+from asyncrunner.pipeline.handout import Handout
+from asyncrunner.pipeline.producer import produce
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.runner import PipelineOutcome, PipelineSpec
 
@@ -241,12 +241,12 @@ class _BatchRun:
         parts: list[bytes] = []
         size = 0
         halt: _Halt | None = None
-        send, recv = anyio.create_memory_object_stream[Narrative](PAGE_SIZE)
+        handout = Handout()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(produce, self.db_path, self.spec.selection, send)
-            async with recv:
+            tg.start_soon(produce, self.db_path, self.spec.selection, handout)
+            async with handout:
                 try:
-                    async for n in recv:
+                    async for n in handout:
                         if (n.incident_id, n.narrative_type) in skip:
                             continue
                         line = self.codec.line(n)

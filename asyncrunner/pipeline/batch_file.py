@@ -26,8 +26,8 @@ from asyncrunner.db import experiments, sessions
 from asyncrunner.db.locks import ExperimentLock
 from asyncrunner.db.schema import connect
 from asyncrunner.pipeline.batch_codec import BatchCodec, resolve_mode
-from asyncrunner.pipeline.messages import Narrative
-from asyncrunner.pipeline.producer import PAGE_SIZE, produce
+from asyncrunner.pipeline.handout import Handout
+from asyncrunner.pipeline.producer import produce
 from asyncrunner.pipeline.runner import PipelineSpec
 from asyncrunner.vocab import SessionEnd, Status
 
@@ -99,11 +99,11 @@ async def _write_file(codec: BatchCodec, spec: PipelineSpec, target: Path) -> in
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o600)
-            send, recv = anyio.create_memory_object_stream[Narrative](PAGE_SIZE)
+            handout = Handout()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(produce, spec.db_path, spec.selection, send)
-                async with recv:
-                    async for narrative in recv:
+                tg.start_soon(produce, spec.db_path, spec.selection, handout)
+                async with handout:
+                    async for narrative in handout:
                         fh.write(codec.line(narrative))
                         n += 1
             fh.flush()

@@ -1,9 +1,9 @@
-"""The producer: an experiment's remaining narratives -> a bounded stream, then close it.
+"""The producer: an experiment's remaining narratives -> the hand-out, then end it.
 
 It walks the narrative set in `narrative_id` order a page at a time, each page a short read
 of its own (an anti-join against `narrative_results`), so memory stays flat however large
 the file and no read transaction stays open to stop WAL checkpoints during a days-long run.
-Closing the send stream is how the workers learn there is no more work.
+Ending the hand-out (handout.py) is how the workers learn there is no more work.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
 from asyncrunner.db.schema import BUSY_TIMEOUT_MS, open_async
+from asyncrunner.pipeline.handout import Handout
 from asyncrunner.pipeline.loading import LoadFeed
-from asyncrunner.pipeline.messages import Narrative
 
 PAGE_SIZE = 256
 
@@ -134,79 +133,73 @@ class FirstPage:
         page.done.set()
 
 
-async def produce(db_path: str | Path, selection: WorkSelection,
-                  send: MemoryObjectSendStream[Narrative], *, page_size: int = PAGE_SIZE,
-                  first: FirstPage | None = None, feed: LoadFeed | None = None) -> None:
-    """Send every remaining narrative of the selection, in id order, then close `send`.
+async def produce(db_path: str | Path, selection: WorkSelection, handout: Handout, *,
+                  page_size: int = PAGE_SIZE, first: FirstPage | None = None,
+                  feed: LoadFeed | None = None) -> None:
+    """Put every remaining narrative of the selection into `handout`, in id order, then
+    end it: normally, so what is left is still taken; stopped or failed, dropping it.
 
-    While one page is handed out the next is already being read: one page ahead, no more,
-    so a page is read at most one page's hand-out before its first narrative leaves, and
-    results stored meanwhile still thin out the pages after it. The hand-out itself stays
-    unbuffered: a narrative leaves only when a worker takes it. `first`: the first page,
+    While one page is being taken the next is already being read: one page ahead, no more,
+    so a page is read at most one page's taking before its first narrative leaves, and
+    results stored meanwhile still thin out the pages after it. `first`: the first page,
     already being read (of this selection and page size). `feed`: the data file is still
     being loaded (pipeline/loading.py): no row past its bound is read, and a short page
     read before the load was complete is followed by another once it has moved on.
     """
     sql, base = _query(selection, page_size)
     failure: Exception | None = None
-    async with send, open_async(db_path) as db:
-        await db.execute("PRAGMA query_only = 1")
+    finished = False
+    try:
+        async with open_async(db_path) as db:
+            await db.execute("PRAGMA query_only = 1")
 
-        async def read(after: int, page: _Page, past: int | None = None) -> None:
-            # One call on the connection's thread (execute + fetchall): the statement runs
-            # to its end there, so no read transaction stays open between pages.
-            page.after = after
-            try:
-                params = {**base, "after": after}
-                if feed is not None:
-                    if past is not None:
-                        await feed.wait_past(past)
-                    page.complete, page.version = feed.complete, feed.version
-                    params["cutoff"] = feed.bound
-                [(encoded,)] = await db.execute_fetchall(sql, params)
-                page.rows = _rows(encoded)
-            except Exception as exc:  # noqa: BLE001 - handed to produce(), raised there
-                page.error = exc
-            finally:
-                page.done.set()
+            async def read(after: int, page: _Page, past: int | None = None) -> None:
+                # One call on the connection's thread (execute + fetchall): the statement
+                # runs to its end there, so no read transaction stays open between pages.
+                page.after = after
+                try:
+                    params = {**base, "after": after}
+                    if feed is not None:
+                        if past is not None:
+                            await feed.wait_past(past)
+                        page.complete, page.version = feed.complete, feed.version
+                        params["cutoff"] = feed.bound
+                    [(encoded,)] = await db.execute_fetchall(sql, params)
+                    page.rows = _rows(encoded)
+                except Exception as exc:  # noqa: BLE001 - handed to produce(), raised there
+                    page.error = exc
+                finally:
+                    page.done.set()
 
-        async with anyio.create_task_group() as tg:
-            # Failures are raised from here, outside the task group, as themselves (a
-            # worker that stops reading is a BrokenResourceError, not an exception group).
-            try:
-                page = _Page()
-                await (first.into(page) if first is not None else read(-1, page))
-                while True:
-                    await page.done.wait()
-                    if page.error is not None:
-                        raise page.error
-                    rows = page.rows
-                    after = rows[-1][0] if rows else page.after
-                    following = _Page()
-                    if len(rows) == page_size:
-                        tg.start_soon(read, after, following)
-                    elif not page.complete:      # more rows are being loaded
-                        tg.start_soon(read, after, following, page.version)
-                    elif rows:
-                        following.done.set()     # a short page was the last one
-                    else:
-                        break
-                    await _hand_out(rows, send)
-                    page = following
-            except Exception as exc:  # noqa: BLE001 - re-raised below
-                failure = exc
-                tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                # Failures are raised from here, outside the task group, as themselves (a
+                # consumer side that went away is a BrokenResourceError, not a group).
+                try:
+                    page = _Page()
+                    await (first.into(page) if first is not None else read(-1, page))
+                    while True:
+                        await page.done.wait()
+                        if page.error is not None:
+                            raise page.error
+                        rows = page.rows
+                        after = rows[-1][0] if rows else page.after
+                        following = _Page()
+                        if len(rows) == page_size:
+                            tg.start_soon(read, after, following)
+                        elif not page.complete:      # more rows are being loaded
+                            tg.start_soon(read, after, following, page.version)
+                        elif rows:
+                            following.done.set()     # a short page was the last one
+                        else:
+                            break
+                        handout.put(rows)
+                        await handout.wait_low()
+                        page = following
+                except Exception as exc:  # noqa: BLE001 - re-raised below
+                    failure = exc
+                    tg.cancel_scope.cancel()
+        finished = failure is None
+    finally:
+        handout.end(drop=not finished)
     if failure is not None:
         raise failure
-
-
-async def _hand_out(rows: list[Sequence[Any]],
-                    send: MemoryObjectSendStream[Narrative]) -> None:
-    """Give each row to a worker. While workers are waiting, each gets its narrative at
-    once (no trip round the event loop per narrative); otherwise wait for the next to ask."""
-    for row in rows:
-        narrative = Narrative(row[0], row[1], row[2], row[3] or "", row[4], row[5])
-        try:
-            send.send_nowait(narrative)          # succeeds only when a worker is waiting
-        except anyio.WouldBlock:
-            await send.send(narrative)

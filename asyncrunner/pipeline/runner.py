@@ -1,12 +1,14 @@
 """The pipeline: one task group holding producer, workers and writer, and the two-stage stop.
 
-    producer --(unbuffered stream)--> N workers --(bounded stream)--> writer
+    producer --(hand-out)--> N workers --(bounded stream)--> writer
 
-The narrative stream has no buffer, so a narrative leaves the producer only when a worker
-is free to start it: on a stop nothing sits in a queue, only requests in flight. Stopping:
+A narrative starts only when a worker takes it from the hand-out (handout.py); what is left
+there on a stop is dropped like the rest of the producer's page, so on a stop nothing but
+the requests in flight is under way. Stopping:
 
-1. first SIGINT/SIGTERM: cancel the producer, which closes its stream; workers finish the
-   request in hand and leave; after `grace_s` still-running requests are cancelled.
+1. first SIGINT/SIGTERM: cancel the producer, which ends the hand-out dropping what is
+   left; workers finish the request in hand and leave; after `grace_s` still-running
+   requests are cancelled.
 2. a second signal: cancel the workers now.
 
 Either way the writer sees its stream close when the last worker leaves and commits what it
@@ -40,15 +42,15 @@ from datetime import datetime, timedelta
 import anyio
 import anyio.abc
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from asyncrunner.db.ingest import IngestReport
 from asyncrunner.db.loading import BackgroundLoad
 from asyncrunner.llm.autotune import DEFAULT_AUTOTUNE, Autotuner, AutotuneSettings, Meter
 from asyncrunner.llm.client import ClientSettings, HttpSender, LLMClient
 from asyncrunner.llm.throttle import AdaptiveLimiter, TokenBudget
+from asyncrunner.pipeline.handout import Handout
 from asyncrunner.pipeline.loading import LoadFeed, keep_loading
-from asyncrunner.pipeline.messages import Narrative, Result
+from asyncrunner.pipeline.messages import Result
 from asyncrunner.pipeline.producer import FirstPage, WorkSelection, produce
 from asyncrunner.pipeline.progress import Snapshot
 from asyncrunner.pipeline.workers import Prompt, worker
@@ -209,7 +211,8 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
         writer.publish()
 
     limiter.on_pause = announce
-    narratives_send, narratives_recv = anyio.create_memory_object_stream[Narrative](0)
+    # Refilled while a row per worker is left, so a worker rarely finds it empty.
+    handout = Handout(low=spec.workers)
     results_send, results_recv = anyio.create_memory_object_stream[Result](
         max(2 * spec.writer.batch_size, 2 * spec.workers))
     with _collector_tuned_for_the_run():
@@ -223,12 +226,12 @@ async def run_pipeline(spec: PipelineSpec, http: HttpSender, *,
                 stop.work_scope = work.cancel_scope
                 if loading is not None:
                     work.start_soon(_load, spec, loading, stop)
-                work.start_soon(_produce, spec, narratives_send, stop, tg, first_page,
+                work.start_soon(_produce, spec, handout, stop, tg, first_page,
                                 loading.feed if loading is not None else None)
                 scope = work.cancel_scope
-                async with narratives_recv, results_send:
+                async with results_send:
                     for _ in range(spec.workers):
-                        work.start_soon(worker, client, spec.prompt, narratives_recv.clone(),
+                        work.start_soon(worker, client, spec.prompt, handout,
                                         results_send.clone(), gate, lambda: scope.cancel_called)
             if tuner is not None:
                 tuner.stop()
@@ -287,11 +290,11 @@ def _collector_tuned_for_the_run() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _produce(spec: PipelineSpec, send: MemoryObjectSendStream[Narrative],
+async def _produce(spec: PipelineSpec, handout: Handout,
                    stop: StopControl, outer: anyio.abc.TaskGroup,
                    first_page: FirstPage | None, feed: LoadFeed | None) -> None:
-    # produce() closes `send` however it ends, which is what lets idle workers leave.
+    # produce() ends the hand-out however it ends, which is what lets idle workers leave.
     with stop.producer_scope:
-        await produce(spec.db_path, spec.selection, send, first=first_page, feed=feed)
+        await produce(spec.db_path, spec.selection, handout, first=first_page, feed=feed)
     if stop.signum is not None:
         outer.start_soon(stop.grace_timer)

@@ -1,4 +1,4 @@
-"""Workers: receive a narrative, call the model, parse the answer, send a result message.
+"""Workers: take a narrative, call the model, parse the answer, send a result message.
 
 A worker holds no database connection and handles no signals. A narrative whose call is
 cancelled (shutdown) produces no result at all, so it stays "remaining" and is redone on
@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from anyio import CancelScope, EndOfStream, WouldBlock
 from anyio.lowlevel import checkpoint
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from asyncrunner.clock import utc_now
 from asyncrunner.config import TEXT_PLACEHOLDER
@@ -35,6 +35,7 @@ from asyncrunner.llm.parsing import (
     repair_messages,
     resample_seed,
 )
+from asyncrunner.pipeline.handout import Handout
 from asyncrunner.pipeline.messages import Narrative, Result
 from asyncrunner.vocab import ErrorCategory
 
@@ -152,41 +153,35 @@ async def _classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
     return result
 
 
-async def worker(client: LLMClient, prompt: Prompt,
-                 narratives: MemoryObjectReceiveStream[Narrative],
+async def worker(client: LLMClient, prompt: Prompt, handout: Handout,
                  results: MemoryObjectSendStream[Result],
                  gate: Callable[[Result], bool] | None = None,
                  stopped: Callable[[], bool] | None = None) -> None:
-    """Run until the producer closes its end of the narrative stream.
+    """Run until the producer has ended the hand-out and nothing is left in it.
 
     A worker is a task of its own, so its context variables are its own: the narrative's
     key is bound once per narrative (each binding replaces the last) and needs no unbinding.
-    Streams are used without a trip round the event loop where none is needed: a result
-    goes into the writer's buffer at once while it has room, and the next narrative is
-    taken at once when the producer is already offering one.
+    Neither side costs a trip round the event loop where none is needed: a result goes
+    into the writer's buffer at once while it has room, and the next narrative is taken at
+    once while the hand-out has one.
 
     `gate(result)` (the runner's fail-fast and circuit breaker) sees every result before it
     is sent; False: the result is dropped (a fatal failure: the narrative stays remaining).
     `stopped()` True: the run was told to stop now (its work scope was cancelled).
     """
     bind = structlog.contextvars.bind_contextvars
-    async with narratives, results:
+    async with results:
         while True:
             # A halt (fail-fast, breaker, second signal) cancels the workers' scope, but the
             # path below can reach the socket without an await that would deliver it: the
-            # limiter's and the pool's fast paths do not yield. Without this check a worker
-            # would start one more request after the run was told to stop. (A flag read on
-            # the way, the checkpoint that delivers the cancellation only once it is set:
-            # this runs once per narrative.)
+            # hand-out's, the limiter's and the pool's fast paths do not yield. Without this
+            # check a worker would start one more request after the run was told to stop.
+            # (A flag read on the way, the checkpoint that delivers the cancellation only
+            # once it is set: this runs once per narrative.)
             if stopped is not None and stopped():
                 await checkpoint()
             try:
-                narrative = narratives.receive_nowait()
-            except WouldBlock:
-                try:
-                    narrative = await narratives.receive()
-                except EndOfStream:
-                    return
+                narrative = handout.take_nowait() or await handout.take()
             except EndOfStream:
                 return
             bind(incident_id=narrative.incident_id, narrative_type=narrative.narrative_type)
