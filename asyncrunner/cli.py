@@ -584,7 +584,13 @@ def private_files(env: Mapping[str, str]) -> bool:
 
 
 def entry() -> NoReturn:
-    """The `asyncrunner` command: main(), then leave without the interpreter's slow tail."""
+    """The `asyncrunner` command: main(), then leave without the interpreter's slow tail.
+
+    What is loaded by now (the modules, their functions and classes) lives as long as the
+    process, so it is frozen out of the cyclic collector's sight first: every collection
+    until the run (the ingest's, the one before the pipeline) then scans only what the
+    command itself made. Only for the command's own process, like _before_exit."""
+    gc.freeze()
     code = main()
     _before_exit()
     sys.exit(code)
