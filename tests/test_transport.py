@@ -228,8 +228,10 @@ def test_the_prepared_body_is_the_body_encoded_whole(extra: dict[str, object],
     "text/plain; charset=iso-8859-1", "text/plain; charset=\"latin-1\"", "text/plain; charset=nope",
 ])
 @pytest.mark.parametrize("body", [b"", b'{"a": "\xc3\xa9"}', b"\xff\xfe half \xc3", b"plain"])
-def test_the_body_is_read_as_httpx_reads_it(content_type: str | None, body: bytes) -> None:
-    headers = [("content-type", content_type)] if content_type else []
+@pytest.mark.parametrize("name", ["content-type", "Content-Type"])
+def test_the_body_is_read_as_httpx_reads_it(content_type: str | None, body: bytes,
+                                            name: str) -> None:
+    headers = [(name, content_type)] if content_type else []
     response = httpx.Response(200, headers=headers, content=body)
     assert _body_text(response) == response.text
 

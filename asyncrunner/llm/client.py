@@ -662,9 +662,11 @@ def _context_too_long(detail: str, body: str) -> bool:
 def _body_text(response: httpx.Response) -> str:
     """`response.text`, without httpx's charset parsing (an email.message.Message per
     response) when the body is UTF-8 or says no charset: then httpx decodes UTF-8 with
-    replacement too, and so does this."""
-    content_type = response.headers.get("content-type", "").lower()
-    if "charset" not in content_type or "charset=utf-8" in content_type:
+    replacement too, and so does this. The header is read from the raw list: httpx's
+    case-insensitive lookup costs more than the rest of this per answer."""
+    content_type = b", ".join(value for key, value in response.headers.raw
+                              if key.lower() == b"content-type").lower()
+    if b"charset" not in content_type or b"charset=utf-8" in content_type:
         return response.content.decode("utf-8", errors="replace")
     return response.text
 

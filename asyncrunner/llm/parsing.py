@@ -153,7 +153,9 @@ def _parse(content: str | None) -> Answer:
         raise AnswerParseError(f"content must be text, got {type(content).__name__}")
     if content is None or not content.strip():
         raise AnswerParseError(EMPTY)
-    text = _strip_think(_strip_harmony(content))
+    # Every reasoning marker starts with "<": a plain answer (the common case) skips the
+    # stripping, which could not change it.
+    text = _strip_think(_strip_harmony(content)) if "<" in content else content
     obj = _last_answer_object(text)
     if obj is None:
         if _unfinished_answer(text):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import structlog
 from anyio import CancelScope, EndOfStream, WouldBlock
@@ -78,34 +77,43 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure, *,
     """Turn a client outcome into the one row this narrative gets. `earlier`: the requests
     this narrative took before `outcome` (a parse retry's first answer); their attempts and
     tokens count in the row's totals. Built in one go: this runs once per narrative."""
-    completions = [o for o in (*earlier, outcome) if isinstance(o, Completion)]
-    common: dict[str, Any] = {
-        "response_sec": outcome.response_sec + sum(o.response_sec for o in earlier),
-        "raw_response": outcome.raw,
-        "endpoint": outcome.endpoint,
-        "prompt_tokens_total": _total([c.prompt_tokens for c in completions]),
-        "completion_tokens_total": _total([c.completion_tokens for c in completions]),
-    }
-    attempts = sum(o.attempts for o in earlier) + outcome.attempts
+    if earlier:
+        completions = [o for o in (*earlier, outcome) if isinstance(o, Completion)]
+        response_sec = outcome.response_sec + sum(o.response_sec for o in earlier)
+        attempts = sum(o.attempts for o in earlier) + outcome.attempts
+        prompt_total = _total([c.prompt_tokens for c in completions])
+        completion_total = _total([c.completion_tokens for c in completions])
+    elif isinstance(outcome, Completion):     # one request: its own figures are the totals
+        response_sec, attempts = outcome.response_sec, outcome.attempts
+        prompt_total, completion_total = outcome.prompt_tokens, outcome.completion_tokens
+    else:
+        response_sec, attempts = outcome.response_sec, outcome.attempts
+        prompt_total = completion_total = None
     if isinstance(outcome, RequestFailure):
-        return _result(n, attempts, common, error_category=outcome.category,
-                       error_message=outcome.message,
-                       fatal=describe_fatal(outcome) if outcome.fatal else None)
-    common.update(prompt_tokens=outcome.prompt_tokens,
-                  completion_tokens=outcome.completion_tokens,
-                  finish_reason=outcome.finish_reason)
+        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
+                      n.manual_flag, utc_now(), attempts, response_sec=response_sec,
+                      raw_response=outcome.raw, endpoint=outcome.endpoint,
+                      prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
+                      error_category=outcome.category, error_message=outcome.message,
+                      fatal=describe_fatal(outcome) if outcome.fatal else None)
     answer = _parsed(outcome, max_tokens)
     if isinstance(answer, AnswerParseError):
-        return _result(n, attempts, common, error_category=ErrorCategory.PARSE_ERROR,
-                       error_message=str(answer))
-    return _result(n, attempts, common, detected=int(answer.detected),
-                   confidence=answer.confidence, indicators=indicators_json(answer.indicators),
-                   rationale=answer.rationale, answer_source=source)
-
-
-def _result(n: Narrative, attempts: int, common: dict[str, Any], **outcome: Any) -> Result:
+        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
+                      n.manual_flag, utc_now(), attempts, response_sec=response_sec,
+                      raw_response=outcome.raw, endpoint=outcome.endpoint,
+                      prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
+                      prompt_tokens=outcome.prompt_tokens,
+                      completion_tokens=outcome.completion_tokens,
+                      finish_reason=outcome.finish_reason,
+                      error_category=ErrorCategory.PARSE_ERROR, error_message=str(answer))
     return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                  n.manual_flag, utc_now(), attempts, **common, **outcome)
+                  n.manual_flag, utc_now(), attempts, response_sec=response_sec,
+                  raw_response=outcome.raw, endpoint=outcome.endpoint,
+                  prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
+                  prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                  finish_reason=outcome.finish_reason, detected=int(answer.detected),
+                  confidence=answer.confidence, indicators=indicators_json(answer.indicators),
+                  rationale=answer.rationale, answer_source=source)
 
 
 async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
