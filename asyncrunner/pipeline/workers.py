@@ -77,43 +77,43 @@ def to_result(n: Narrative, outcome: Completion | RequestFailure, *,
     """Turn a client outcome into the one row this narrative gets. `earlier`: the requests
     this narrative took before `outcome` (a parse retry's first answer); their attempts and
     tokens count in the row's totals. Built in one go: this runs once per narrative."""
+    response_sec, attempts = outcome.response_sec, outcome.attempts
+    prompt_total = completion_total = None
     if earlier:
         completions = [o for o in (*earlier, outcome) if isinstance(o, Completion)]
-        response_sec = outcome.response_sec + sum(o.response_sec for o in earlier)
-        attempts = sum(o.attempts for o in earlier) + outcome.attempts
+        response_sec += sum(o.response_sec for o in earlier)
+        attempts += sum(o.attempts for o in earlier)
         prompt_total = _total([c.prompt_tokens for c in completions])
         completion_total = _total([c.completion_tokens for c in completions])
     elif isinstance(outcome, Completion):     # one request: its own figures are the totals
-        response_sec, attempts = outcome.response_sec, outcome.attempts
         prompt_total, completion_total = outcome.prompt_tokens, outcome.completion_tokens
-    else:
-        response_sec, attempts = outcome.response_sec, outcome.attempts
-        prompt_total = completion_total = None
+    # Every field of the row set once, then one Result (no keyword dicts merged).
+    prompt_tokens = completion_tokens = finish_reason = None
+    detected = confidence = indicators = rationale = answer_source = None
+    error_category: ErrorCategory | None = None
+    error_message = fatal = None
     if isinstance(outcome, RequestFailure):
-        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                      n.manual_flag, utc_now(), attempts, response_sec=response_sec,
-                      raw_response=outcome.raw, endpoint=outcome.endpoint,
-                      prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
-                      error_category=outcome.category, error_message=outcome.message,
-                      fatal=describe_fatal(outcome) if outcome.fatal else None)
-    answer = _parsed(outcome, max_tokens)
-    if isinstance(answer, AnswerParseError):
-        return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
-                      n.manual_flag, utc_now(), attempts, response_sec=response_sec,
-                      raw_response=outcome.raw, endpoint=outcome.endpoint,
-                      prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
-                      prompt_tokens=outcome.prompt_tokens,
-                      completion_tokens=outcome.completion_tokens,
-                      finish_reason=outcome.finish_reason,
-                      error_category=ErrorCategory.PARSE_ERROR, error_message=str(answer))
+        error_category, error_message = outcome.category, outcome.message
+        fatal = describe_fatal(outcome) if outcome.fatal else None
+    else:
+        prompt_tokens, completion_tokens = outcome.prompt_tokens, outcome.completion_tokens
+        finish_reason = outcome.finish_reason
+        answer = _parsed(outcome, max_tokens)
+        if isinstance(answer, AnswerParseError):
+            error_category, error_message = ErrorCategory.PARSE_ERROR, str(answer)
+        else:
+            detected, confidence = int(answer.detected), answer.confidence
+            indicators, rationale = indicators_json(answer.indicators), answer.rationale
+            answer_source = source
     return Result(n.narrative_id, n.incident_id, n.narrative_type, n.manual_flag_ind,
                   n.manual_flag, utc_now(), attempts, response_sec=response_sec,
-                  raw_response=outcome.raw, endpoint=outcome.endpoint,
+                  raw_response=outcome.raw, prompt_tokens=prompt_tokens,
+                  completion_tokens=completion_tokens, detected=detected,
+                  confidence=confidence, indicators=indicators, rationale=rationale,
+                  error_category=error_category, error_message=error_message,
+                  finish_reason=finish_reason, answer_source=answer_source,
                   prompt_tokens_total=prompt_total, completion_tokens_total=completion_total,
-                  prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                  finish_reason=outcome.finish_reason, detected=int(answer.detected),
-                  confidence=answer.confidence, indicators=indicators_json(answer.indicators),
-                  rationale=answer.rationale, answer_source=source)
+                  fatal=fatal, endpoint=outcome.endpoint)
 
 
 async def classify(client: LLMClient, prompt: Prompt, n: Narrative) -> Result:
