@@ -15,7 +15,7 @@ from pipeline_helpers import EXPERIMENT_ID, database, make_result
 
 from asyncrunner.db.schema import connect
 from asyncrunner.pipeline.writer import _row, insert_rows
-from asyncrunner.results.finalize import EXPORT_COLUMNS, export, spreadsheet_safe
+from asyncrunner.results.finalize import EXPORT_COLUMNS, export, export_files, spreadsheet_safe
 
 db = pytest.fixture(name="db")(database)
 
@@ -71,6 +71,34 @@ def test_a_failed_export_leaves_no_partial_file(db: Path, stored: list[tuple[obj
         with pytest.raises(TypeError):                 # bytes are not JSON
             export(conn, EXPERIMENT_ID, "json", tmp_path / "out" / "r.json")
         assert not conn.in_transaction
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_both_files_from_one_reading_match_the_single_exports(
+        db: Path, stored: list[tuple[object, ...]], tmp_path: Path) -> None:
+    with closing(connect(db)) as conn:
+        conn.execute("UPDATE narrative_results SET rationale = '=1+2' WHERE result_id % 5 = 0")
+        conn.commit()
+        both = export_files(conn, EXPERIMENT_ID, {"csv": tmp_path / "both" / "r.csv",
+                                                  "json": tmp_path / "both" / "r.json"},
+                            with_text=True)
+        single = {fmt: export(conn, EXPERIMENT_ID, fmt, tmp_path / "one" / f"r.{fmt}",
+                              with_text=True) for fmt in ("csv", "json")}
+    for fmt in ("csv", "json"):
+        assert both[fmt].read_bytes() == single[fmt].read_bytes()
+    assert "'=1+2" in both["csv"].read_text(encoding="utf-8")
+    assert len(json.loads(both["json"].read_text(encoding="utf-8"))) == len(stored)
+
+
+def test_a_failed_export_of_both_files_leaves_neither(
+        db: Path, stored: list[tuple[object, ...]], tmp_path: Path) -> None:
+    with closing(connect(db)) as conn:
+        conn.execute("UPDATE narrative_results SET raw_response = ? WHERE result_id = "
+                     "(SELECT MAX(result_id) FROM narrative_results WHERE experiment_id = ?)",
+                     (b"\xff not text", EXPERIMENT_ID))
+        with pytest.raises(TypeError):                 # bytes are not JSON
+            export_files(conn, EXPERIMENT_ID, {"csv": tmp_path / "out" / "r.csv",
+                                               "json": tmp_path / "out" / "r.json"})
     assert list((tmp_path / "out").iterdir()) == []
 
 

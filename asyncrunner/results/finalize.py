@@ -12,10 +12,11 @@ import heapq
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from asyncrunner.db.experiments import set_status
 from asyncrunner.db.schema import transaction
@@ -37,6 +38,7 @@ TEXT_COLUMN = "narrative_text"
 # OWASP's CSV-injection rule: a text cell starting with one of these is a formula to a
 # spreadsheet. Such cells get a leading apostrophe (shown as text, value still readable).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_RISKY_FIRST = frozenset(_FORMULA_START)
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -50,43 +52,75 @@ def spreadsheet_safe(value: Any) -> Any:
 
 def export(conn: sqlite3.Connection, experiment_id: str, fmt: str, out: Path, *,
            with_text: bool = False) -> Path:
-    """Write every result of the experiment (CSV or JSON), atomically (temp file + rename).
+    """Write every result of the experiment (CSV or JSON) to `out`: see `export_files`."""
+    return export_files(conn, experiment_id, {fmt: out}, with_text=with_text)[fmt]
 
-    Rows stream from the database to the file one at a time, in result_id order, so memory
-    stays flat however many results there are; they are read in one read transaction, so
-    an export taken while the experiment runs is one consistent snapshot. `with_text` adds
-    the narrative text (off by default: the text is the confidential part of the data).
-    CSV cells are made spreadsheet-safe; JSON keeps every value as stored."""
+
+def export_files(conn: sqlite3.Connection, experiment_id: str, outs: Mapping[str, Path], *,
+                 with_text: bool = False) -> dict[str, Path]:
+    """Write every result of the experiment to each of `outs` (format csv|json -> path),
+    all from one reading of the rows, each atomically (temp file + rename).
+
+    Rows stream from the database to the files one at a time, in result_id order, so
+    memory stays flat however many results there are; they are read in one read
+    transaction, so an export taken while the experiment runs is one consistent snapshot.
+    `with_text` adds the narrative text (off by default: the text is the confidential part
+    of the data). CSV cells are made spreadsheet-safe; JSON keeps every value as stored.
+    A failure leaves none of the files behind (those already renamed are removed)."""
+    unknown = set(outs) - {"csv", "json"}
+    if unknown:
+        raise ValueError(f"unknown export format(s): {', '.join(sorted(unknown))}")
     columns = (*EXPORT_COLUMNS, TEXT_COLUMN) if with_text else EXPORT_COLUMNS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmps = {fmt: out.with_name(out.name + ".partial") for fmt, out in outs.items()}
+    renamed: list[Path] = []
     own_transaction = not conn.in_transaction
     if own_transaction:
         conn.execute("BEGIN")
     try:
-        with tmp.open("w", encoding="utf-8", newline="", buffering=WRITE_BUFFER) as fh:
-            rows = (rows_with_text(conn, experiment_id) if with_text
-                    else result_rows(conn, experiment_id))
-            if fmt == "csv":
-                writer = csv.writer(fh)
-                writer.writerow(columns)
-                writer.writerows(tuple(map(spreadsheet_safe, row)) for row in rows)
-            else:
-                fh.write("[\n")
-                separator = ""
-                for row in rows:
-                    fh.write(separator + json.dumps(dict(zip(columns, row, strict=True)))
-                             + "\n")
-                    separator = ","
-                fh.write("]\n")
-        tmp.replace(out)
+        with ExitStack() as stack:
+            files = {}
+            for fmt, tmp in tmps.items():
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                files[fmt] = stack.enter_context(
+                    tmp.open("w", encoding="utf-8", newline="", buffering=WRITE_BUFFER))
+            _write_rows(files.get("csv"), files.get("json"), columns,
+                        rows_with_text(conn, experiment_id) if with_text
+                        else result_rows(conn, experiment_id))
+        for fmt, tmp in tmps.items():
+            tmp.replace(outs[fmt])
+            renamed.append(outs[fmt])
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for path in (*tmps.values(), *renamed):
+            path.unlink(missing_ok=True)
         raise
     finally:
         if own_transaction and conn.in_transaction:
             conn.execute("ROLLBACK")             # it only read
-    return out
+    return dict(outs)
+
+
+def _write_rows(csv_file: IO[str] | None, json_file: IO[str] | None,
+                columns: tuple[str, ...], rows: Iterator[tuple[Any, ...]]) -> None:
+    """Each row to the CSV and/or the JSON file."""
+    writer = csv.writer(csv_file) if csv_file is not None else None
+    if writer is not None:
+        writer.writerow(columns)
+    if json_file is not None:
+        json_file.write("[\n")
+    separator = ""
+    risky = _RISKY_FIRST
+    for row in rows:
+        if writer is not None:
+            # A row with no text cell starting like a formula (nearly all) is written as
+            # it is: no Python call per cell.
+            writer.writerow(tuple(map(spreadsheet_safe, row))
+                            if any(type(v) is str and v[:1] in risky for v in row) else row)
+        if json_file is not None:
+            json_file.write(separator + json.dumps(dict(zip(columns, row, strict=True)))
+                            + "\n")
+            separator = ","
+    if json_file is not None:
+        json_file.write("]\n")
 
 
 # error_occurred is 0 or 1; anything else (NULL in a database of an older version) is read
@@ -135,8 +169,8 @@ def finalize(conn: sqlite3.Connection, experiment_id: str, output_dir: Path) -> 
     disk: if they fail (a full disk), it stays resumable and a resume finishes it.
     Returns {"metrics": the metrics_json dict, "exports": {"csv": path, "json": path}}."""
     report = metrics_report(conn, experiment_id)
-    paths = {fmt: export(conn, experiment_id, fmt, output_dir / f"{experiment_id}.{fmt}")
-             for fmt in ("csv", "json")}
+    paths = export_files(conn, experiment_id,
+                         {fmt: output_dir / f"{experiment_id}.{fmt}" for fmt in ("csv", "json")})
     with transaction(conn):
         _store_metrics(conn, experiment_id, report)
         set_status(conn, experiment_id, Status.COMPLETED)
