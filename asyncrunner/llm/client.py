@@ -117,7 +117,7 @@ class ClientSettings:
     pool: EndpointPool | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)            # not frozen: one per answer (see pipeline/messages.py)
 class Completion:
     content: str | None
     finish_reason: str | None

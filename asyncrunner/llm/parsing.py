@@ -111,6 +111,7 @@ NO_JSON = "no JSON object with 'detected' in response"
 UNFINISHED = "answer cut off: the JSON object is unfinished"
 
 _DECODER = json.JSONDecoder(strict=False)
+_encode_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
 _TRUE_WORDS = frozenset({"yes", "true", "1"})
 _FALSE_WORDS = frozenset({"no", "false", "0"})
 
@@ -210,7 +211,7 @@ def _top_level_objects(text: str) -> Iterator[dict[str, Any]]:
 def _last_answer_object(text: str) -> dict[str, Any] | None:
     found = None
     for obj in _top_level_objects(text):
-        if any(key.lower() == "detected" for key in obj):
+        if "detected" in obj or any(key.lower() == "detected" for key in obj):
             found = obj
     return found
 
@@ -267,6 +268,8 @@ def _detected(value: Any) -> bool:
 
 
 def _confidence(value: Any) -> float | None:
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value            # the common answer, without the checks below
     if value is None:
         return None
     if isinstance(value, str):
@@ -313,6 +316,10 @@ def _indicators(value: Any) -> tuple[str, ...]:
         items = value
     else:
         raise AnswerParseError(f"'indicators' must be a list of strings, got {_describe(value)}")
+    try:
+        return tuple(filter(None, map(str.strip, items)))   # all strings: the common case
+    except TypeError:
+        pass
     texts = (_indicator_text(item) for item in items)
     return tuple(text for text in texts if text)
 
@@ -343,8 +350,9 @@ def _flatten(value: Any, depth: int) -> str:
 
 
 def indicators_json(indicators: tuple[str, ...] | list[str]) -> str:
-    """How indicators are stored: a JSON array of strings."""
-    return json.dumps(list(indicators))
+    """How indicators are stored: a JSON array of strings, byte for byte
+    `json.dumps(list(indicators))`, by json's C string encoder alone (once per answer)."""
+    return "[" + ", ".join(map(_encode_string, indicators)) + "]"
 
 
 def normalize_stored_indicators(stored: str | None) -> str | None:

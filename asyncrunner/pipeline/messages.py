@@ -1,9 +1,12 @@
-"""The frozen messages that flow along the pipeline.
+"""The messages that flow along the pipeline.
 
 producer --Narrative--> workers --Result--> writer
 
 Messages carry only what the next stage needs; workers never see a database connection and
-the writer never sees HTTP.
+the writer never sees HTTP. No stage changes a message it was handed (a worker's second
+answer is a new Result, via dataclasses.replace). They are not frozen dataclasses all the
+same: one is made per narrative, and a frozen dataclass's __init__ makes a call per field
+(about 2.5 us for a Result, against 0.6 us).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from asyncrunner.vocab import ErrorCategory
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Narrative:
     """One narrative to classify, as read from `source_narratives`."""
 
@@ -25,7 +28,7 @@ class Narrative:
     manual_flag: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Result:
     """The outcome of one narrative: an answer, or an error row. Never holds the text."""
 

@@ -1,6 +1,6 @@
 """The writer: the only code that writes results.
 
-It owns one write connection. Results arrive as frozen messages; they are committed in
+It owns one write connection. Results arrive as messages; they are committed in
 batches of `batch_size`, or every `interval_s` seconds, whichever comes first, and the
 experiment's progress row (counts, last update, ETA) is updated in the same transaction, so
 a commit is the one point where work becomes durable and the monitoring query never sees
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -63,6 +63,8 @@ _INSERT_HEAD = ("INSERT OR IGNORE INTO narrative_results ("
                 + ", ".join(column for column, _ in INSERT_COLUMNS) + ") VALUES ")
 _ONE_ROW = "(" + ", ".join("?" * len(INSERT_COLUMNS)) + ")"
 _values = itemgetter(*(key for _, key in INSERT_COLUMNS))
+# A Result's values in INSERT_COLUMNS order after experiment_id, read in C (one per result).
+_result_values = attrgetter(*(key for _, key in INSERT_COLUMNS[1:]))
 # Rows per INSERT statement. sqlite3 hands the GIL back to the event loop after every step
 # of a statement and must win it back before the next; while the loop is busy each of
 # those waits can last the interpreter's switch interval (5 ms), so a row per step made a
@@ -250,7 +252,9 @@ class ResultWriter:
             await self._commit(db, batch)
 
     async def _commit(self, db: aiosqlite.Connection, batch: list[Result]) -> None:
-        rows = [_row(self.s.experiment_id, r) for r in batch]
+        experiment_id = self.s.experiment_id
+        rows = ([_row(experiment_id, r) for r in batch] if self.s.retry_errors_only
+                else [(experiment_id, *_result_values(r)) for r in batch])
         session_done = self._session_done + len(batch)
         rate = self._rate.add(session_done)
         total, target = self.s.totals()
@@ -307,10 +311,12 @@ class ResultWriter:
         self._on_commit(replace(base, **({"waiting_until": None, "waiting_for": None}
                                          | self._waiting_fields())))
 
-    def _transaction(self, conn: sqlite3.Connection, rows: list[dict[str, object]],
+    def _transaction(self, conn: sqlite3.Connection,
+                     rows: list[dict[str, object]] | list[tuple[object, ...]],
                      progress: dict[str, object], done_before: int | None,
                      endpoints: str | None = None) -> tuple[int, int]:
-        """On the connection's thread: write the batch, the progress row and the session's
+        """On the connection's thread: write the batch (`_row` dicts for retry-errors-only
+        updates, INSERT_COLUMNS value tuples otherwise), the progress row and the session's
         endpoint figures (`endpoints`, if any) in one transaction, or roll it back whole.
         Returns (results stored now, rows changed).
 
@@ -321,7 +327,8 @@ class ResultWriter:
         scan that grows with the table."""
         with transaction(conn):
             changed = (conn.executemany(RETRY_UPDATE_SQL, rows).rowcount
-                       if self.s.retry_errors_only else insert_rows(conn, rows))
+                       if self.s.retry_errors_only
+                       else insert_values(conn, cast(list[tuple[object, ...]], rows)))
             if done_before is None:
                 done = int(conn.execute(
                     "SELECT COUNT(*) FROM narrative_results WHERE experiment_id = ?",
@@ -335,14 +342,19 @@ class ResultWriter:
 
 
 def insert_rows(conn: sqlite3.Connection, rows: list[dict[str, object]]) -> int:
-    """INSERT OR IGNORE every row, ROWS_PER_INSERT to a statement; the rows inserted (a
-    row already stored is ignored, as it would be alone)."""
+    """insert_values for `_row` dicts."""
+    return insert_values(conn, [_values(row) for row in rows])
+
+
+def insert_values(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> int:
+    """INSERT OR IGNORE every row (values in INSERT_COLUMNS order), ROWS_PER_INSERT to a
+    statement; the rows inserted (a row already stored is ignored, as it would be alone)."""
     per = min(ROWS_PER_INSERT, max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
                                    // len(INSERT_COLUMNS)))
     changed = 0
     for start in range(0, len(rows), per):
         chunk = rows[start:start + per]
-        values = [value for row in chunk for value in _values(row)]
+        values = [value for row in chunk for value in row]
         changed += conn.execute(_insert_sql(len(chunk)), values).rowcount
     return changed
 
