@@ -51,6 +51,7 @@ from asyncrunner.db.experiments import (
     require_resumable,
 )
 from asyncrunner.db.ingest import (
+    CsvCheck,
     IngestReport,
     PriorLoad,
     check_csv,
@@ -244,7 +245,7 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
     cfg = d.config
     path = resolve_data_path(cfg)
     beside = load_beside and loading.can_load_beside(cfg, path)
-    checked, validated = _data_checksum(conn, cfg, path, beside)
+    checked, check = _data_checksum(conn, cfg, path, beside)
     checksum = checked.checksum
     prior = tuple(prior_versions(conn, path, checksum))
     if prior and stored_ingest(conn, checksum) is None:
@@ -255,7 +256,7 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
     feed: LoadFeed | None = None
     if beside:
         begun = loading.start(conn, cfg.data, path, checksum, cfg.run.max_narratives,
-                              checked=validated)
+                              checked=check)
         if isinstance(begun, loading.BackgroundLoad):
             background, report = begun, begun.report
             feed = LoadFeed(begun.progress, cfg.run.max_narratives)
@@ -285,18 +286,25 @@ def _plan_new(conn: sqlite3.Connection, d: Draft, load_beside: bool = False) -> 
 
 
 def _data_checksum(conn: sqlite3.Connection, cfg: Config, path: Path,
-                   beside: bool) -> tuple[checksums.Checked, bool]:
-    """The data file's checksum, and whether the file was checked (check_csv) while it
+                   beside: bool) -> tuple[checksums.Checked, CsvCheck | None]:
+    """The data file's checksum, and what check_csv found if it checked the file while it
     was read: a CSV to load beside the run is checked and hashed in one pass unless its
-    checksum is remembered. A file the check refuses is hashed plainly: it may be loaded
-    already (by the R version, under other rules), and if not, its load refuses it."""
+    checksum is remembered (then None: the file was not read, nor checked). A file the
+    check refuses is hashed plainly: it may be loaded already (by the R version, under
+    other rules), and if not, its load refuses it."""
     if not beside:
-        return checksums.checksum(conn, path), False
+        return checksums.checksum(conn, path), None
+    found: list[CsvCheck] = []
+
+    def check(p: Path) -> str:
+        found.append(check_csv(cfg.data, p))
+        return found[-1].checksum
+
     try:
-        checked = checksums.checksum(conn, path, read=lambda p: check_csv(cfg.data, p))
+        checked = checksums.checksum(conn, path, read=check)
     except InputError:
-        return checksums.checksum(conn, path), False
-    return checked, checked.was_read     # remembered: the file was not read, nor checked
+        return checksums.checksum(conn, path), None
+    return checked, found[-1] if found else None
 
 
 def _changed_file_message(data_file: str, old: PriorLoad, new_checksum: str) -> str:

@@ -27,8 +27,15 @@ from fake_llm import FakeLLM, experiment_row
 
 from asyncrunner.config import load_config
 from asyncrunner.db import checksums, loading
-from asyncrunner.db.ingest import ORIGIN_LOADING, file_checksum, ingest
-from asyncrunner.db.schema import connect
+from asyncrunner.db.ingest import (
+    ORIGIN_LOADING,
+    Loader,
+    check_csv,
+    file_checksum,
+    ingest,
+    mapping_json,
+)
+from asyncrunner.db.schema import connect, transaction
 from asyncrunner.errors import InputError, Stopped
 from asyncrunner.plan import RunRequest
 from asyncrunner.session import RunSummary, execute
@@ -317,3 +324,35 @@ def test_a_new_csv_is_checked_and_hashed_in_one_reading(
     assert summary.status is Status.COMPLETED
     assert experiment_row(db, summary.experiment_id)["data_checksum"] \
         == file_checksum(tmp_path / "cases.csv")
+
+
+def test_the_check_names_the_repeated_ids_and_a_load_remembering_only_them_is_the_same(
+        tmp_path: Path) -> None:
+    """A load beside a run remembers only the narratives of ids the check saw on more than
+    one row (the rest cannot be duplicates): it must store exactly what a load that
+    remembers every narrative stores, drops and digests included."""
+    cases = [
+        *rows(60),
+        (" 00005 ", "Again, case 5 with spaces", "", "1", "yes", "True"),  # the same id
+        ("00007", "", "", "0", "no", "False"),       # a repeat with no narrative at all
+        ("00003", "Seen a third time", "Examiner, third", "0", "no", "False"),
+        ("00003", "Seen a fourth time", "", "1", "yes", "True"),
+        ("", "No id, so never a duplicate", "x", "0", "no", "False"),
+    ]
+    data = write_fixture_csv(tmp_path / "cases.csv", cases)
+    config = load_config(write_config(tmp_path, data, "http://llm.invalid/v1"))
+    check = check_csv(config.data, data)
+    ids = [case[0].strip() for case in cases if case[0].strip()]
+    assert check.repeated_ids == {i for i in set(ids) if ids.count(i) > 1}
+    assert {"00005", "00007", "00003", "00011"} <= check.repeated_ids
+    assert check.checksum == file_checksum(data)
+
+    db = tmp_path / "beside.db"
+    with closing(connect(db)) as conn, transaction(conn), \
+            closing(Loader(config.data, data, check.checksum,
+                           repeated=check.repeated_ids)) as loader:
+        while not loader.finished:
+            loader.step(conn, 7)
+        loader.record(conn, mapping_json(config.data))
+    assert contents(db) == loaded_whole(tmp_path, tmp_path / "cfg.yaml")
+    assert contents(db)["drops"]            # duplicates and blanks were recorded

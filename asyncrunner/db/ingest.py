@@ -233,14 +233,26 @@ def read_digests(data: DataSection, path: Path) -> Digests:
     return counts.digests()
 
 
-def check_csv(data: DataSection, path: Path) -> str:
+@dataclass(frozen=True, slots=True)
+class CsvCheck:
+    """What `check_csv` found: the MD5 of the bytes it read, and the incident ids on more
+    than one row of them (only their narratives can be duplicates)."""
+
+    checksum: str
+    repeated_ids: frozenset[str]
+
+
+def check_csv(data: DataSection, path: Path) -> CsvCheck:
     """Everything that can refuse a CSV, without loading it: the header, every label of
     every row with an id, the file's encoding and quoting; returns the MD5 of the bytes it
-    read (the file's checksum, read once for both). A load of those bytes can then only
-    fail on the disk or the database, never on the file's content halfway (db/loading.py
-    loads beside a running run)."""
+    read (the file's checksum, read once for both) and the ids on more than one row. A
+    load of those bytes can then only fail on the disk or the database, never on the
+    file's content halfway (db/loading.py loads beside a running run), and it needs to
+    remember only the repeated ids' narratives to find duplicates (Loader `repeated`)."""
     path = Path(path)
     read = hashlib.md5(usedforsecurity=False)
+    seen: set[str] = set()
+    repeated: set[str] = set()
     with closing(_csv_rows(path, read)) as rows:
         header_number, header = _first_nonempty(rows, path)
         columns = _column_index(header, header_number, data, path)
@@ -249,12 +261,17 @@ def check_csv(data: DataSection, path: Path) -> str:
                   [*data.flags.values(), *([data.case_flag] if data.case_flag else [])]]
         quick = _QUICK_LABELS
         for number, row in rows:
-            if id_at >= len(row) or not row[id_at].strip():
+            incident_id = row[id_at].strip() if id_at < len(row) else ""
+            if not incident_id:
                 continue      # a row without an id is dropped whatever its labels say
+            if incident_id in seen:
+                repeated.add(incident_id)
+            else:
+                seen.add(incident_id)
             for name, at in labels:
                 if at < len(row) and row[at] not in quick:
                     _label(row[at], number, name, path)
-    return read.hexdigest()
+    return CsvCheck(read.hexdigest(), frozenset(repeated))
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +340,12 @@ class Loader:
     committed) finishes it without a second copy of any row."""
 
     def __init__(self, data: DataSection, path: Path, checksum: str, *,
-                 after: Unfinished | None = None) -> None:
+                 after: Unfinished | None = None,
+                 repeated: frozenset[str] | None = None) -> None:
+        """`repeated`: the ids on more than one row of the file (CsvCheck.repeated_ids),
+        when known; then only their narratives are remembered to find duplicates. A load
+        beside a run is the case: every narrative remembered (at 420,000 about 100 MiB)
+        would stay in the process's heap after the load, spread among the run's objects."""
         self.data, self.path, self.checksum = data, Path(path), checksum
         self.loaded_at = after.loaded_at if after is not None else _utc_seconds()
         self.counts = _Counts()
@@ -334,6 +356,7 @@ class Loader:
         self._rows = _read_rows(self.path, data.sheet, self._read)
         # Each record carries the load's columns too: no second generator per narrative.
         self._records = _narrative_records(self._rows, data, self.path, self.counts,
+                                           repeated=repeated,
                                            stamp=(str(path), checksum, self.loaded_at))
 
     def step(self, conn: sqlite3.Connection, limit: int = INSERT_CHUNK_ROWS) -> int:
@@ -535,9 +558,11 @@ def _utc_seconds() -> str:
 
 
 def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path, counts: _Counts,
-                       stamp: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+                       stamp: tuple[Any, ...] = (), *,
+                       repeated: frozenset[str] | None = None) -> Iterator[tuple[Any, ...]]:
     """(incident_id, narrative_type, text, manual_flag_ind, manual_flag, *stamp) per kept
-    narrative; every slot not kept is counted and recorded in `counts.drops`."""
+    narrative; every slot not kept is counted and recorded in `counts.drops`. `repeated`
+    (None: any id may repeat): the only ids whose narratives can be duplicates."""
     header_number, header = _first_nonempty(rows, path)
     columns = _column_index(header, header_number, data, path)
     mapped = sorted(_configured_columns(data))  # the digest must not follow mapping order
@@ -594,16 +619,17 @@ def _narrative_records(rows: Iterator[Row], data: DataSection, path: Path, count
                 counts.drops.append((number, incident_id, ntype, reason, flag_ind, case_flag,
                                      None, 0, None, None))
                 continue
-            key = (incident_id, ntype)
-            first = kept.get(key)
-            if first is not None:
-                counts.n_duplicates += 1
-                conflict = (flag_ind, case_flag) != (first.flag_ind, first.flag)
-                counts.drops.append((number, incident_id, ntype, DropReason.DUPLICATE,
-                                     flag_ind, case_flag, first.row, 1, int(conflict),
-                                     int(hash(text) != first.text_hash)))
-                continue
-            kept[key] = _Kept(number, flag_ind, case_flag, hash(text))
+            if repeated is None or incident_id in repeated:   # else its only row
+                key = (incident_id, ntype)
+                first = kept.get(key)
+                if first is not None:
+                    counts.n_duplicates += 1
+                    conflict = (flag_ind, case_flag) != (first.flag_ind, first.flag)
+                    counts.drops.append((number, incident_id, ntype, DropReason.DUPLICATE,
+                                         flag_ind, case_flag, first.row, 1, int(conflict),
+                                         int(hash(text) != first.text_hash)))
+                    continue
+                kept[key] = _Kept(number, flag_ind, case_flag, hash(text))
             counts.n_narratives += 1
             yield (incident_id, ntype, text, flag_ind, case_flag, *stamp)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from asyncrunner.config import Config, DataSection
 from asyncrunner.db.ingest import (
     ORIGIN_LOADING,
+    CsvCheck,
     IngestReport,
     Loader,
     changed_while_read,
@@ -61,19 +62,25 @@ def can_load_beside(cfg: Config, path: Path) -> bool:
 
 
 def start(conn: sqlite3.Connection, data: DataSection, path: Path, checksum: str,
-          max_narratives: int | None, *, checked: bool = False) -> IngestReport | BackgroundLoad:
+          max_narratives: int | None, *,
+          checked: CsvCheck | None = None) -> IngestReport | BackgroundLoad:
     """The file's load: done (already stored, or small enough to finish in the first
     step), or begun, with at least one narrative or the whole file committed. `checked`:
-    `check_csv` passed on these bytes already (it hashed them)."""
+    what `check_csv` found on these bytes, when it read them already (it hashed them)."""
     path = Path(path)
     mapping = mapping_json(data)
     if conn.execute("SELECT 1 FROM ingests WHERE data_checksum = ? UNION ALL "
                     "SELECT 1 FROM source_narratives WHERE data_checksum = ? LIMIT 1",
                     (checksum, checksum)).fetchone():
         return ingest(conn, data, path, checksum=checksum)   # stored, or to finish first
-    if not checked and check_csv(data, path) != checksum:
+    if checked is None:
+        checked = check_csv(data, path)
+    if checked.checksum != checksum:
         raise changed_while_read(path)
-    loader = Loader(data, path, checksum)
+    # A file rewritten after its check fails the load at its end (its bytes no longer
+    # hash to `checksum`): the ids repeated in it are then no longer the checked ones,
+    # but neither are the rows committed before; the next session refuses the file.
+    loader = Loader(data, path, checksum, repeated=checked.repeated_ids)
     try:
         with transaction(conn):
             if conn.execute("SELECT 1 FROM ingests WHERE data_checksum = ?",
