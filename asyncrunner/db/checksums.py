@@ -54,7 +54,6 @@ class Checked:
     path: str               # resolved
     checksum: str
     identity: Identity | None = None
-    was_read: bool = False  # False: taken from the record
 
 
 def checksum(conn: sqlite3.Connection, path: Path,
@@ -75,7 +74,7 @@ def checksum(conn: sqlite3.Connection, path: Path,
     settled = started_ns - int(SETTLED_S * 1e9)
     trusted = (Identity.of(path) == before and before.mtime_ns < settled
                and before.ctime_ns < settled)
-    return Checked(resolved, digest, before if trusted else None, was_read=True)
+    return Checked(resolved, digest, before if trusted else None)
 
 
 def remember(conn: sqlite3.Connection, checked: Checked | None) -> None:
