@@ -5,8 +5,8 @@ producer --Narrative--> workers --Result--> writer
 Messages carry only what the next stage needs; workers never see a database connection and
 the writer never sees HTTP. No stage changes a message it was handed (a worker's second
 answer is a new Result, via dataclasses.replace). They are not frozen dataclasses all the
-same: one is made per narrative, and a frozen dataclass's __init__ makes a call per field
-(about 2.5 us for a Result, against 0.6 us).
+same: one is made per narrative, and a frozen dataclass's __init__ makes a call to
+object.__setattr__ per field (25 for a Result) where a plain one assigns.
 """
 
 from __future__ import annotations
